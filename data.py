@@ -1,0 +1,154 @@
+"""Problem sets and prompts, shared by `train_grpo.py`, `filter_data.py` and `evaluate.py`.
+
+Two schemas are accepted and normalised to the same columns:
+
+- Polaris-53K / MATH style: `problem`, `answer`;
+- verl parquet (as POLARIS ships its benchmarks): `prompt` (a list of chat messages whose user turn
+  already ends in the instruction suffix), `reward_model.ground_truth`, `extra_info.index`/`id`.
+
+Every loaded set has `problem` (the bare question), `answer` (the gold answer: a string, number or
+list of acceptable answers), `prompt_id` (a stable hash of the problem, used by the per-prompt
+ledger) and `prompt` (chat messages built by `build_messages`, the one place prompts are made).
+"""
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+
+DEFAULT_PROMPT_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
+LOCAL_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line with exit code 2, without a traceback."""
+
+
+def run_cli(main, *args):
+    """Run a script's `main`, turning `UserError` into one line on stderr and exit code 2.
+
+    `--debug` on the command line (or POLARIS_DEBUG=1) shows the full traceback instead.
+    """
+    debug = "--debug" in sys.argv or os.environ.get("POLARIS_DEBUG") == "1"
+    if "--debug" in sys.argv:
+        sys.argv.remove("--debug")
+    try:
+        return main(*args)
+    except UserError as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_messages(problem: str, prompt_suffix: str = DEFAULT_PROMPT_SUFFIX, system_prompt: str | None = None):
+    """The chat messages for one problem: the user turn is the problem followed by the suffix."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": "user", "content": problem.strip() + prompt_suffix}]
+
+
+def prompt_id(problem: str) -> str:
+    """A stable id for a problem, independent of its position in any file."""
+    return hashlib.sha1(problem.strip().encode()).hexdigest()[:16]
+
+
+def _load_raw(source: str, split: str):
+    from datasets import load_dataset
+
+    path = Path(source)
+    if path.suffix.lower() in LOCAL_FORMATS or path.exists():
+        if not path.exists():
+            raise UserError(f"no such dataset file: {source} (give a local .parquet/.jsonl/.json/.csv file or a hub id)")
+        if path.suffix.lower() not in LOCAL_FORMATS:
+            raise UserError(f"unsupported dataset file type '{path.suffix}' for {source}: use .parquet, .jsonl, .json or .csv")
+        if path.suffix.lower() == ".json" and path.read_text()[:1] == "[":
+            import json
+
+            from datasets import Dataset
+
+            return Dataset.from_list(json.loads(path.read_text()))
+        return load_dataset(LOCAL_FORMATS[path.suffix.lower()], data_files=str(path), split="train")
+    try:
+        return load_dataset(source, split=split)
+    except Exception as error:  # the hub raises many kinds; all mean "could not get it"
+        raise UserError(
+            f"could not load dataset '{source}' from the hub ({type(error).__name__}); "
+            "pass a local .parquet/.jsonl/.json/.csv file instead"
+        ) from error
+
+
+def _strip_suffix(text: str, suffix: str) -> str:
+    text = text.strip()
+    for candidate in (suffix.strip(), DEFAULT_PROMPT_SUFFIX.strip()):
+        if candidate and text.endswith(candidate):
+            return text[: -len(candidate)].strip()
+    return text
+
+
+def _normalise_row(row: dict, problem_column: str, answer_column: str, prompt_suffix: str) -> dict:
+    if problem_column in row and row[problem_column] is not None:
+        problem = row[problem_column]
+    else:  # verl schema: the question is the last user message, with the suffix already appended
+        user_turns = [m["content"] for m in row["prompt"] if m["role"] == "user"]
+        problem = _strip_suffix(user_turns[-1], prompt_suffix)
+    if answer_column in row and row[answer_column] is not None:
+        answer = row[answer_column]
+    else:
+        answer = (row.get("reward_model") or {}).get("ground_truth")
+    return {"problem": problem, "answer": answer}
+
+
+def load_problems(
+    source: str,
+    split: str = "train",
+    problem_column: str = "problem",
+    answer_column: str = "answer",
+    prompt_suffix: str = DEFAULT_PROMPT_SUFFIX,
+    system_prompt: str | None = None,
+):
+    """Load a problem set from a local file or the hub and normalise it (see the module docstring)."""
+    dataset = _load_raw(source, split)
+    columns = set(dataset.column_names)
+    has_problem = problem_column in columns or "prompt" in columns
+    has_answer = answer_column in columns or "reward_model" in columns
+    if not (has_problem and has_answer):
+        raise UserError(
+            f"{source} has columns {sorted(columns)}; expected '{problem_column}' and '{answer_column}' "
+            "(or verl's 'prompt' and 'reward_model'): set --problem_column / --answer_column"
+        )
+    if len(dataset) == 0:
+        raise UserError(f"{source} has no rows")
+
+    def normalise(row):
+        fields = _normalise_row(row, problem_column, answer_column, prompt_suffix)
+        fields["prompt_id"] = prompt_id(fields["problem"])
+        fields["prompt"] = build_messages(fields["problem"], prompt_suffix, system_prompt)
+        return fields
+
+    drop = [c for c in ("prompt", "reward_model") if c in columns]
+    dataset = dataset.map(normalise, remove_columns=drop, desc="Building prompts")
+    with_answer = dataset.filter(lambda row: row["answer"] is not None, desc="Dropping rows without answer")
+    if len(with_answer) == 0:
+        raise UserError(f"{source}: no row has an answer in '{answer_column}'")
+    if len(with_answer) < len(dataset):
+        print(f"{source}: dropped {len(dataset) - len(with_answer)} rows without an answer")
+    return with_answer
+
+
+def filter_long_prompts(dataset, tokenizer, max_prompt_length: int | None):
+    """Drop prompts longer than `max_prompt_length` tokens (TRL 1.16 no longer truncates them).
+
+    Returns the filtered dataset and the number of prompts dropped.
+    """
+    if not max_prompt_length:
+        return dataset, 0
+
+    def prompt_length(row):
+        ids = tokenizer.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        return {"prompt_length": len(ids)}
+
+    with_lengths = dataset.map(prompt_length, desc="Measuring prompts")
+    kept = with_lengths.filter(lambda row: row["prompt_length"] <= max_prompt_length).remove_columns("prompt_length")
+    return kept, len(dataset) - len(kept)

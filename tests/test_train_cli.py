@@ -1,0 +1,105 @@
+"""train_grpo.py from the command line: the demo recipe and one-line errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def run_train(*args, cwd=ROOT, timeout=600):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train_grpo.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+def test_no_arguments_means_the_demo_recipe():
+    from train_grpo import parse_args
+
+    script_args, training_args, model_args = parse_args([])
+    assert model_args.model_name_or_path == "toy" and script_args.dataset_name == "toy"
+    assert training_args.output_dir == "outputs/demo"
+    # POLARIS settings
+    assert training_args.beta == 0.0 and training_args.epsilon_high == 0.28 and training_args.loss_type == "dapo"
+    assert training_args.num_generations == 8
+    assert training_args.use_cpu and not training_args.bf16  # no GPU here: chosen automatically
+
+
+def test_polaris_defaults_without_a_recipe():
+    from train_grpo import parse_args
+
+    _, training_args, _ = parse_args(["--output_dir", "x"])
+    assert training_args.learning_rate == 1e-6 and training_args.lr_scheduler_type == "constant"
+    assert training_args.weight_decay == 0.01 and training_args.max_grad_norm == 1.0
+    assert training_args.top_p == 1.0 and training_args.top_k == 0 and training_args.beta == 0.0
+
+
+def test_missing_dataset_file(toy_world, tmp_path):
+    result = run_train("--model_name_or_path", str(toy_world / "model"), "--dataset_name", str(tmp_path / "none.jsonl"), "--output_dir", str(tmp_path / "o"))
+    assert_one_line_error(result, "no such dataset file")
+
+
+def test_missing_columns(toy_world, tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"question": "1+1?", "gold": "2"}) + "\n")
+    result = run_train("--model_name_or_path", str(toy_world / "model"), "--dataset_name", str(tmp_path / "d.jsonl"), "--output_dir", str(tmp_path / "o"))
+    assert_one_line_error(result, "--problem_column")
+
+
+def test_empty_dataset_after_prompt_filter(toy_world, tmp_path):
+    result = run_train(
+        "--model_name_or_path", str(toy_world / "model"), "--dataset_name", str(toy_world / "train.jsonl"),
+        "--max_prompt_length", "5", "--output_dir", str(tmp_path / "o"),
+    )
+    assert_one_line_error(result, "--max_prompt_length")
+
+
+def test_recipe_that_does_not_parse(tmp_path):
+    (tmp_path / "bad.yaml").write_text("learning_rate: [1e-6\nmax_steps: 3\n")
+    assert_one_line_error(run_train("--config", str(tmp_path / "bad.yaml")), "YAML")
+    assert_one_line_error(run_train("--config", str(tmp_path / "missing.yaml")), "no such recipe file")
+
+
+def test_bf16_without_support(tmp_path):
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        pytest.skip("this machine supports bf16")
+    result = run_train("--model_name_or_path", "toy", "--dataset_name", "toy", "--bf16", "true", "--output_dir", str(tmp_path / "o"))
+    assert_one_line_error(result, "bf16")
+
+
+def test_unknown_reward_function(toy_world, tmp_path):
+    result = run_train(
+        "--model_name_or_path", str(toy_world / "model"), "--dataset_name", str(toy_world / "train.jsonl"),
+        "--reward_funcs", "no_such_reward", "--output_dir", str(tmp_path / "o"),
+    )
+    assert_one_line_error(result, "no_such_reward")
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(toy_world, tmp_path):
+    """The demo recipe trains the toy model and held-out accuracy improves for real."""
+    output_dir = tmp_path / "demo"
+    result = run_train("--config", str(ROOT / "recipes" / "demo.yaml"), "--output_dir", str(output_dir), "--toy_dir", str(toy_world))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert summary["steps"] > 0 and summary["seconds"] > 0
+    assert summary["accuracy_after"] > summary["accuracy_before"]
+    assert "python train_grpo.py --config recipes/" in result.stdout
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert any("reward" in row for row in state["log_history"])
+    assert (output_dir / "model.safetensors").exists() and (output_dir / "learning_curve.png").exists()
+    assert any(p.name.startswith("checkpoint-") for p in output_dir.iterdir())

@@ -1,0 +1,277 @@
+"""The offline demo world: a tiny Qwen3 model that half-knows arithmetic.
+
+Everything here is built locally, with no hub access, so the whole POLARIS recipe can be run and
+tested on a laptop CPU:
+
+- a deterministic character-level tokenizer with a Qwen-style chat template,
+- synthetic math problems of graded difficulty in the same schema as real data (`problem`, `answer`),
+- a tiny Qwen3-architecture model given a short supervised warm start, so that it writes
+  `<think>...</think>` then `\\boxed{N}` and solves some problems always, some sometimes and some never.
+
+    python toy.py --output_dir outputs/toy
+
+writes `model/` (model + tokenizer, loadable with `AutoModelForCausalLM` / `AutoTokenizer`),
+`train.jsonl`, `test.jsonl` and `recipe.json` into the output directory. A second call with the same
+recipe reuses what is there (the recipe hash is stored in `recipe.json`).
+"""
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from data import DEFAULT_PROMPT_SUFFIX, build_messages
+
+
+TOY_RECIPE_VERSION = 1  # bump when the generator or the warm start changes meaning
+
+
+@dataclass
+class ToyArguments:
+    """Arguments of `toy.py`."""
+
+    output_dir: str = field(default="outputs/toy", metadata={"help": "Where the toy model and data are written."})
+    seed: int = field(default=0, metadata={"help": "Seed for data, initialisation and warm start."})
+    num_train: int = field(default=2000, metadata={"help": "Number of toy RL training problems."})
+    num_test: int = field(default=200, metadata={"help": "Number of held-out toy problems."})
+    warmup_steps: int = field(default=800, metadata={"help": "Supervised warm-start steps."})
+    force: bool = field(default=False, metadata={"help": "Rebuild even when a matching build exists."})
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Kept as single tokens but not "special", so they survive `skip_special_tokens=True` decoding.
+# The instruction suffix is one token too, as a real tokenizer compresses common text: it keeps toy
+# sequences short, so the warm start and the demo fit in minutes on a CPU.
+WORD_TOKENS = ["<think>", "</think>", DEFAULT_PROMPT_SUFFIX]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tokenizer():
+    """A character-level `PreTrainedTokenizerFast`: every printable ASCII character is one token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    characters = ["\n"] + [chr(c) for c in range(32, 127)]
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + ["<unk>"] + characters)}
+    # BPE without merges is a character tokenizer that maps unknown characters to <unk>.
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        bos_token=None,
+        additional_special_tokens=["<|im_start|>"],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=512,
+    )
+    tokenizer.add_tokens(WORD_TOKENS)
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic problems
+# ----------------------------------------------------------------------------------------------
+
+# Difficulty levels, easiest first: (name, number of operands, digits per operand, operators).
+LEVELS = [
+    ("add_1x1", 2, (1, 1), "+"),
+    ("sub_1x1", 2, (1, 1), "-"),
+    ("mul_1x1", 2, (1, 1), "*"),
+    ("add_2x1", 2, (2, 1), "+"),
+    ("add3_1x1x1", 3, (1, 1, 1), "+-"),
+    ("add_2x2", 2, (2, 2), "+"),
+    ("mul_2x1", 2, (2, 1), "*"),
+    ("sub_2x2", 2, (2, 2), "-"),
+    ("add_3x3", 2, (3, 3), "+"),
+    ("mul_2x2", 2, (2, 2), "*"),
+]
+
+
+def _random_number(rng: random.Random, digits: int) -> int:
+    return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1)
+
+
+def _solution_steps(numbers: list[int], operators: list[str]) -> tuple[list[str], int]:
+    """Left-to-right worked steps, the way the warm start teaches the model to 'think'."""
+    steps, value = [], numbers[0]
+    for operator, number in zip(operators, numbers[1:]):
+        if operator == "*" and number >= 10:
+            # Long multiplication: split the second factor into tens and units.
+            tens, units = number - number % 10, number % 10
+            steps += [f"{value}*{units}={value * units}", f"{value}*{tens}={value * tens}"]
+            steps.append(f"{value * units}+{value * tens}={value * number}")
+            value = value * number
+            continue
+        result = value + number if operator == "+" else value - number if operator == "-" else value * number
+        steps.append(f"{value}{operator}{number}={result}")
+        value = result
+    return steps, value
+
+
+def make_problem(rng: random.Random, level: int) -> dict:
+    name, _, digits, operator_choices = LEVELS[level]
+    numbers = [_random_number(rng, d) for d in digits]
+    operators = [rng.choice(operator_choices) for _ in numbers[1:]]
+    expression = str(numbers[0]) + "".join(f" {op} {n}" for op, n in zip(operators, numbers[1:]))
+    steps, value = _solution_steps(numbers, operators)
+    return {
+        "problem": f"What is {expression}?",
+        "answer": str(value),
+        "level": name,
+        "solution": "<think>" + "\n".join(steps) + "</think>\n\\boxed{" + str(value) + "}",
+    }
+
+
+def make_problems(num: int, seed: int, salt: str) -> list[dict]:
+    """`num` problems spread evenly over the levels, reproducible from (seed, salt)."""
+    rng = random.Random(f"{seed}-{salt}")
+    problems = [make_problem(rng, i % len(LEVELS)) for i in range(num)]
+    rng.shuffle(problems)
+    for i, problem in enumerate(problems):
+        problem["id"] = f"toy-{salt}-{i}"
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and warm start
+# ----------------------------------------------------------------------------------------------
+
+
+def build_model(tokenizer, seed: int):
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(config)
+
+
+def _encode_example(tokenizer, problem: dict) -> tuple[list[int], list[int]]:
+    prompt = tokenizer.apply_chat_template(build_messages(problem["problem"]), tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(problem["solution"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    return prompt_ids + completion_ids, [-100] * len(prompt_ids) + completion_ids
+
+
+def warm_start(model, tokenizer, problems: list[dict], steps: int, seed: int, batch_size: int = 32):
+    """Supervised steps on worked solutions; few enough that the harder levels stay unreliable."""
+    import torch
+    from tqdm.auto import tqdm
+
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    model.train()
+    progress = tqdm(range(steps), desc="Toy warm start", unit="step", mininterval=1.0)
+    for _ in progress:
+        indices = torch.randint(len(problems), (batch_size,), generator=generator).tolist()
+        batch = [_encode_example(tokenizer, problems[i]) for i in indices]
+        length = max(len(ids) for ids, _ in batch)
+        input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (length - len(ids)) for ids, _ in batch])
+        labels = torch.tensor([lab + [-100] * (length - len(lab)) for _, lab in batch])
+        attention_mask = torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids, _ in batch])
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Build with cache
+# ----------------------------------------------------------------------------------------------
+
+
+def recipe_hash(args: ToyArguments) -> str:
+    recipe = {k: v for k, v in asdict(args).items() if k not in ("output_dir", "force")}
+    recipe["version"] = TOY_RECIPE_VERSION
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_jsonl(path: Path, rows: list[dict]):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def build_toy_world(args: ToyArguments) -> Path:
+    """Build (or reuse) the toy model and data in `args.output_dir`; return that directory."""
+    import torch
+
+    output_dir = Path(args.output_dir)
+    recipe_file = output_dir / "recipe.json"
+    expected_hash = recipe_hash(args)
+    if not args.force and recipe_file.exists() and json.loads(recipe_file.read_text()).get("hash") == expected_hash:
+        print(f"Toy world found in {output_dir} (recipe {expected_hash}); reusing it.")
+        return output_dir
+
+    start = time.time()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    recipe_file.unlink(missing_ok=True)  # an interrupted rebuild must not look complete
+    torch.manual_seed(args.seed)
+    train = make_problems(args.num_train, args.seed, "train")
+    test = make_problems(args.num_test, args.seed, "test")
+    warm = make_problems(32 * args.warmup_steps, args.seed, "warmstart")
+
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, args.seed)
+    warm_start(model, tokenizer, warm, args.warmup_steps, args.seed)
+
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(output_dir / "model")
+    tokenizer.save_pretrained(output_dir / "model")
+    columns = ("id", "problem", "answer", "level")
+    _write_jsonl(output_dir / "train.jsonl", [{k: p[k] for k in columns} for p in train])
+    _write_jsonl(output_dir / "test.jsonl", [{k: p[k] for k in columns} for p in test])
+    recipe = {"hash": expected_hash, **{k: v for k, v in asdict(args).items() if k != "force"}}
+    recipe["seconds"] = round(time.time() - start, 1)
+    recipe_file.write_text(json.dumps(recipe, indent=2))  # written last: marks the build complete
+    print(f"Toy world built in {recipe['seconds']} s: {output_dir}")
+    return output_dir
+
+
+def main(args: ToyArguments | None = None) -> Path:
+    if args is None:
+        from transformers import HfArgumentParser
+
+        (args,) = HfArgumentParser(ToyArguments).parse_args_into_dataclasses()
+    return build_toy_world(args)
+
+
+if __name__ == "__main__":
+    main()

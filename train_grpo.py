@@ -1,0 +1,320 @@
+"""POLARIS-style GRPO training on TRL's `GRPOTrainer`.
+
+    # the demo: the whole recipe on the offline toy world, on CPU, in a few minutes
+    python train_grpo.py
+
+    # a real model from a recipe, with command-line overrides
+    python train_grpo.py --config recipes/qwen3-0.6b-lora-8gb.yaml --max_steps 200
+
+Arguments come from TRL's `TrlParser`: `ScriptArguments` (data and evaluation), `PolarisConfig`
+(TRL's `GRPOConfig` with POLARIS defaults: 8 rollouts per prompt, no KL, clip-higher, token-mean
+loss, constant lr 1e-6) and TRL's `ModelConfig` (LoRA / quantization flags).
+"""
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser, get_peft_config, get_quantization_config
+from trl import ScriptArguments as TrlScriptArguments
+
+from data import DEFAULT_PROMPT_SUFFIX, UserError, filter_long_prompts, load_problems, run_cli
+
+
+DEMO_RECIPE = Path(__file__).resolve().parent / "recipes" / "demo.yaml"
+TOY_NAME = "toy"  # model or dataset name that means "the offline toy world built by toy.py"
+
+
+@dataclass
+class ScriptArguments(TrlScriptArguments):
+    """Data, rewards and the before/after measurement. `dataset_name` is a hub id, a local
+    .parquet/.jsonl/.json/.csv file, or `toy`."""
+
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "Held-out problems measured before and after training (hub id, file or `toy`)."}
+    )
+    problem_column: str = field(default="problem", metadata={"help": "Column holding the question."})
+    answer_column: str = field(default="answer", metadata={"help": "Column holding the gold answer."})
+    prompt_suffix: str = field(default=DEFAULT_PROMPT_SUFFIX, metadata={"help": "Appended to every problem."})
+    system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
+    max_prompt_length: int | None = field(
+        default=1024, metadata={"help": "Prompts longer than this many tokens are dropped (TRL no longer truncates)."}
+    )
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["accuracy"],
+        metadata={"help": "Reward functions: names from rewards.REWARD_FUNCS or dotted import paths."},
+    )
+    eval_num_samples: int = field(default=4, metadata={"help": "Samples per held-out problem (avg@k)."})
+    eval_max_problems: int | None = field(default=200, metadata={"help": "Measure on at most this many problems."})
+    toy_dir: str = field(default="outputs/toy", metadata={"help": "Where the toy world is built and cached."})
+
+
+@dataclass
+class PolarisConfig(GRPOConfig):
+    """`GRPOConfig` with the POLARIS defaults. Options that TRL lacks are added here."""
+
+    epsilon_high: float | None = field(default=0.28, metadata={"help": "Upper clip (clip-higher, DAPO / POLARIS)."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "POLARIS keeps the learning rate constant."})
+    weight_decay: float = field(default=0.01, metadata={"help": "Weight decay (POLARIS: 0.01)."})
+
+    def __post_init__(self):
+        import torch
+
+        # TRL defaults bf16 to True, which fails on machines without bfloat16: choose it here instead.
+        has_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if self.bf16 and not has_bf16:
+            raise UserError("bf16 was asked for but this machine has no GPU with bfloat16 support: pass --bf16 false")
+        if self.bf16 is None:
+            self.bf16 = has_bf16 and not self.fp16
+        if not torch.cuda.is_available():
+            self.use_cpu = True
+        super().__post_init__()
+
+
+class PolarisGRPOTrainer(GRPOTrainer):
+    """`GRPOTrainer` plus the POLARIS additions (see the other modules)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and data
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_toy(name: str | None, script_args: ScriptArguments, part: str) -> str | None:
+    """Map the name `toy` to the toy world's files, building the world on first use."""
+    if name != TOY_NAME:
+        return name
+    import toy
+
+    toy_dir = toy.build_toy_world(toy.ToyArguments(output_dir=script_args.toy_dir))
+    return str(toy_dir / {"model": "model", "train": "train.jsonl", "test": "test.jsonl"}[part])
+
+
+def load_model(model_args: ModelConfig, training_args: PolarisConfig):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = model_args.dtype
+    if dtype in (None, "auto"):
+        dtype = torch.bfloat16 if training_args.bf16 else "auto" if torch.cuda.is_available() else torch.float32
+    kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=model_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=dtype,
+    )
+    quantization_config = get_quantization_config(model_args)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    except OSError as error:
+        raise UserError(
+            f"could not load model '{model_args.model_name_or_path}': {str(error).splitlines()[0]} "
+            "(give a local model directory, a hub id that is downloadable or cached, or `toy`)"
+        ) from error
+
+
+def load_training_data(script_args: ScriptArguments, tokenizer):
+    dataset = load_problems(
+        script_args.dataset_name,
+        split=script_args.dataset_train_split,
+        problem_column=script_args.problem_column,
+        answer_column=script_args.answer_column,
+        prompt_suffix=script_args.prompt_suffix,
+        system_prompt=script_args.system_prompt,
+    )
+    dataset, dropped = filter_long_prompts(dataset, tokenizer, script_args.max_prompt_length)
+    print(f"Training problems: {len(dataset)} ({dropped} dropped as longer than {script_args.max_prompt_length} tokens)")
+    if len(dataset) == 0:
+        raise UserError(f"no training problem is left after dropping prompts over {script_args.max_prompt_length} tokens: raise --max_prompt_length")
+    return dataset
+
+
+def load_eval_problems(script_args: ScriptArguments):
+    if not script_args.eval_dataset_name:
+        return None
+    dataset = load_problems(
+        script_args.eval_dataset_name,
+        split=script_args.dataset_test_split,
+        problem_column=script_args.problem_column,
+        answer_column=script_args.answer_column,
+        prompt_suffix=script_args.prompt_suffix,
+        system_prompt=script_args.system_prompt,
+    )
+    if script_args.eval_max_problems:
+        dataset = dataset.select(range(min(len(dataset), script_args.eval_max_problems)))
+    return dataset
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement and reporting
+# ----------------------------------------------------------------------------------------------
+
+
+def measure_accuracy(model, tokenizer, problems, script_args: ScriptArguments, training_args: PolarisConfig, desc: str):
+    """Mean sampled accuracy (avg@k) at the training temperature, as POLARIS reports it."""
+    from generation import sample_completions
+    from rewards import verify
+
+    samples = sample_completions(
+        model,
+        tokenizer,
+        problems["prompt"],
+        num_samples=script_args.eval_num_samples,
+        temperature=training_args.temperature,
+        top_p=training_args.top_p,
+        top_k=training_args.top_k,
+        max_new_tokens=training_args.max_completion_length,
+        seed=training_args.seed,
+        desc=desc,
+    )
+    scores = [verify(s.text, answer) for group, answer in zip(samples, problems["answer"]) for s in group]
+    return sum(scores) / len(scores)
+
+
+def plot_learning_curve(log_history: list[dict], path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in log_history if "reward" in row]
+    if not rows:
+        return None
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.plot([r["step"] for r in rows], [r["reward"] for r in rows], marker="o", label="mean reward")
+    if any("frac_reward_zero_std" in r for r in rows):
+        axis.plot([r["step"] for r in rows], [r.get("frac_reward_zero_std") for r in rows], label="zero-variance groups")
+    axis.set_xlabel("step")
+    axis.set_ylim(-0.02, 1.02)
+    axis.legend()
+    axis.set_title("Training rewards")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def write_summary(output_dir: Path, summary: dict):
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def print_report(summary: dict, output_dir: Path, is_demo: bool):
+    print("\n" + "=" * 60)
+    if summary.get("accuracy_before") is not None:
+        print(f"{'held-out accuracy':<24}{'before':>10}{'after':>10}")
+        print(f"{'(avg@' + str(summary['eval_num_samples']) + ', sampled)':<24}{summary['accuracy_before']:>10.3f}{summary['accuracy_after']:>10.3f}")
+    print(f"steps: {summary['steps']}   time: {summary['seconds']:.0f} s")
+    print(f"outputs: {output_dir}/ (model, trainer_state.json, summary.json, learning_curve.png)")
+    if is_demo:
+        print("\nTrain a real model from a recipe:")
+        print("  python train_grpo.py --config recipes/qwen3-0.6b-lora-8gb.yaml")
+    print("=" * 60)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+
+def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args: ModelConfig):
+    from transformers import AutoTokenizer, set_seed
+
+    from rewards import get_reward_funcs
+
+    start = time.time()
+    set_seed(training_args.seed)
+    is_demo = model_args.model_name_or_path == TOY_NAME
+    model_args.model_name_or_path = resolve_toy(model_args.model_name_or_path, script_args, "model")
+    if not model_args.model_name_or_path:
+        raise UserError("no model given: pass --model_name_or_path (a hub id, a local directory or `toy`)")
+    if not script_args.dataset_name:
+        raise UserError("no training data given: pass --dataset_name (a hub id, a local file or `toy`)")
+    script_args.dataset_name = resolve_toy(script_args.dataset_name, script_args, "train")
+    script_args.eval_dataset_name = resolve_toy(script_args.eval_dataset_name, script_args, "test")
+    try:
+        reward_funcs = get_reward_funcs(script_args.reward_funcs)
+    except (ValueError, ImportError, AttributeError) as error:
+        raise UserError(str(error)) from error
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    except OSError as error:
+        raise UserError(f"could not load the tokenizer of '{model_args.model_name_or_path}': {str(error).splitlines()[0]}") from error
+    train_dataset = load_training_data(script_args, tokenizer)
+    eval_problems = load_eval_problems(script_args)
+    model = load_model(model_args, training_args)
+
+    accuracy_before = None
+    if eval_problems is not None:
+        accuracy_before = measure_accuracy(model, tokenizer, eval_problems, script_args, training_args, "Accuracy before")
+        print(f"Held-out accuracy before training: {accuracy_before:.3f}")
+
+    trainer = PolarisGRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()
+
+    accuracy_after = None
+    if eval_problems is not None:
+        accuracy_after = measure_accuracy(trainer.model, tokenizer, eval_problems, script_args, training_args, "Accuracy after")
+
+    output_dir = Path(training_args.output_dir)
+    summary = {
+        "accuracy_before": accuracy_before,
+        "accuracy_after": accuracy_after,
+        "eval_num_samples": script_args.eval_num_samples,
+        "eval_problems": len(eval_problems) if eval_problems is not None else 0,
+        "steps": trainer.state.global_step,
+        "seconds": round(time.time() - start, 1),
+        "model": model_args.model_name_or_path,
+        "dataset": script_args.dataset_name,
+    }
+    if trainer.accelerator.is_main_process:
+        write_summary(output_dir, summary)
+        plot_learning_curve(trainer.state.log_history, output_dir / "learning_curve.png")
+        print_report(summary, output_dir, is_demo)
+    return summary
+
+
+def make_parser():
+    return TrlParser((ScriptArguments, PolarisConfig, ModelConfig))
+
+
+def parse_args(args: list[str] | None = None):
+    """Parse the command line (and `--config`); no arguments at all means the demo recipe."""
+    import yaml
+
+    args = list(sys.argv[1:] if args is None else args)
+    if not args:
+        print(f"No arguments: running the demo recipe {DEMO_RECIPE.relative_to(Path.cwd()) if DEMO_RECIPE.is_relative_to(Path.cwd()) else DEMO_RECIPE}")
+        args = ["--config", str(DEMO_RECIPE)]
+    if "--config" in args:
+        config_path = Path(args[args.index("--config") + 1]) if args.index("--config") + 1 < len(args) else None
+        if config_path is None or not config_path.is_file():
+            raise UserError(f"no such recipe file: {config_path} (see recipes/ for examples)")
+    try:
+        return make_parser().parse_args_and_config(args)
+    except yaml.YAMLError as error:
+        raise UserError(f"the recipe file does not parse as YAML: {str(error).splitlines()[0]} ...") from error
+    except (ValueError, TypeError) as error:
+        raise UserError(f"invalid arguments: {str(error).splitlines()[0]}") from error
+
+
+def cli():
+    main(*parse_args())
+
+
+if __name__ == "__main__":
+    run_cli(cli)
