@@ -228,19 +228,34 @@ def _write_jsonl(path: Path, rows: list[dict]):
             f.write(json.dumps(row) + "\n")
 
 
+def _is_built(output_dir: Path, expected_hash: str) -> bool:
+    recipe_file = output_dir / "recipe.json"
+    return recipe_file.exists() and json.loads(recipe_file.read_text()).get("hash") == expected_hash
+
+
 def build_toy_world(args: ToyArguments) -> Path:
     """Build (or reuse) the toy model and data in `args.output_dir`; return that directory."""
-    import torch
+    from filelock import FileLock
 
     output_dir = Path(args.output_dir)
-    recipe_file = output_dir / "recipe.json"
     expected_hash = recipe_hash(args)
-    if not args.force and recipe_file.exists() and json.loads(recipe_file.read_text()).get("hash") == expected_hash:
+    if not args.force and _is_built(output_dir, expected_hash):
         print(f"Toy world found in {output_dir} (recipe {expected_hash}); reusing it.")
         return output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    # Several processes (parallel tests, `accelerate launch`) may ask at once: one builds, the rest wait.
+    with FileLock(str(output_dir / ".build.lock")):
+        if not args.force and _is_built(output_dir, expected_hash):
+            return output_dir
+        _build(args, output_dir, expected_hash)
+    return output_dir
+
+
+def _build(args: ToyArguments, output_dir: Path, expected_hash: str):
+    import torch
 
     start = time.time()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    recipe_file = output_dir / "recipe.json"
     recipe_file.unlink(missing_ok=True)  # an interrupted rebuild must not look complete
     torch.manual_seed(args.seed)
     train = make_problems(args.num_train, args.seed, "train")
@@ -262,7 +277,6 @@ def build_toy_world(args: ToyArguments) -> Path:
     recipe["seconds"] = round(time.time() - start, 1)
     recipe_file.write_text(json.dumps(recipe, indent=2))  # written last: marks the build complete
     print(f"Toy world built in {recipe['seconds']} s: {output_dir}")
-    return output_dir
 
 
 def main(args: ToyArguments | None = None) -> Path:
