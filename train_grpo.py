@@ -58,6 +58,13 @@ class PolarisConfig(GRPOConfig):
     epsilon_high: float | None = field(default=0.28, metadata={"help": "Upper clip (clip-higher, DAPO / POLARIS)."})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "POLARIS keeps the learning rate constant."})
     weight_decay: float = field(default=0.01, metadata={"help": "Weight decay (POLARIS: 0.01)."})
+    stages: list[dict] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Stage schedule: sampling temperature and max completion length from a given step on, "
+            'e.g. "0:1.4:39936,300:1.45:48128" (STEP:TEMPERATURE:MAX_COMPLETION_LENGTH); see schedules.py.'
+        },
+    )
 
     def __post_init__(self):
         import torch
@@ -71,10 +78,31 @@ class PolarisConfig(GRPOConfig):
         if not torch.cuda.is_available():
             self.use_cpu = True
         super().__post_init__()
+        from schedules import resolve_stage_config
+
+        resolve_stage_config(self)
 
 
 class PolarisGRPOTrainer(GRPOTrainer):
     """`GRPOTrainer` plus the POLARIS additions (see the other modules)."""
+
+    def __init__(self, *args, **kwargs):
+        from schedules import attach_stage_schedule
+
+        super().__init__(*args, **kwargs)
+        self.current_stage = None
+        self.stage_schedule = attach_stage_schedule(self)  # None without `stages`
+
+    def apply_stage(self, stage):
+        """Sample and score at `stage.temperature` with `stage.max_completion_length` from now on."""
+        from schedules import apply_stage
+
+        apply_stage(self, stage)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if getattr(self, "stage_schedule", None) is not None and "loss" in logs:
+            logs.update(self.stage_schedule.log_values())
+        super().log(logs, start_time)
 
 
 # ----------------------------------------------------------------------------------------------

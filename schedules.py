@@ -1,0 +1,482 @@
+"""Multi-stage training inside one run, and the diversity-based temperature search.
+
+POLARIS trains in stages: the rollout temperature is raised as RL lowers the model's entropy
+(Qwen3-4B 1.4 -> 1.45 -> 1.5) and the response length grows (40K -> 48K -> 52K tokens). POLARIS
+restarts a run per stage; here a stage schedule switches both inside one run:
+
+    # recipe (YAML)
+    stages:
+      - {step: 0, temperature: 1.4, max_completion_length: 39936}
+      - {step: 300, temperature: 1.45, max_completion_length: 48128}
+
+    # command line
+    python train_grpo.py ... --stages "0:1.4:39936,300:1.45:48128"
+
+A stage starts at the optimizer step `step` (0-based, `trainer.state.global_step`), so a stage at
+step 300 governs the 301st step and after. A stage at step 0 replaces `--temperature` and
+`--max_completion_length`; without one, those two govern the steps before the first stage.
+`StageScheduleCallback` calls `PolarisGRPOTrainer.apply_stage` at each boundary, which updates every
+place TRL 1.16 reads the two values (`apply_stage` below lists them). Logged with every training
+log: `schedule/stage` (1-based), `schedule/temperature`, `schedule/max_completion_length`.
+
+The temperature search (`evaluate.py --sweep_temperature 0.6:1.6:0.1`) samples n completions per
+problem at each temperature; the functions here turn those samples into rows of accuracy (avg@n
+with its standard error over problems) and diversity (distinct-4-gram ratio), recommend a
+temperature (`recommend_temperature`, rule in its docstring) and write the table, JSON and plot.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from data import UserError
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage schedule
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stage:
+    """From optimizer step `step` on, sample at `temperature` with at most `max_completion_length` tokens."""
+
+    step: int
+    temperature: float
+    max_completion_length: int
+
+
+STAGE_KEYS = ("step", "temperature", "max_completion_length")
+STAGE_FORMAT = 'a list of {step, temperature, max_completion_length} or "STEP:TEMPERATURE:LENGTH,..." (e.g. "0:1.4:39936,300:1.45:48128")'
+
+
+def _stage_from_text(text: str) -> Stage:
+    parts = text.strip().split(":")
+    if len(parts) != 3:
+        raise UserError(f"stage '{text.strip()}' is not STEP:TEMPERATURE:LENGTH: write stages as {STAGE_FORMAT}")
+    return _stage_from_mapping(dict(zip(STAGE_KEYS, parts)), shown=f"'{text.strip()}'")
+
+
+def _stage_from_mapping(mapping: dict, shown: str | None = None) -> Stage:
+    shown = shown or str(dict(mapping))
+    missing = [key for key in STAGE_KEYS if key not in mapping]
+    unknown = [key for key in mapping if key not in STAGE_KEYS]
+    if missing or unknown:
+        problem = f"lacks {', '.join(missing)}" if missing else f"has unknown keys {', '.join(map(str, unknown))}"
+        raise UserError(f"stage {shown} {problem}: write stages as {STAGE_FORMAT}")
+    try:
+        step, length = _as_int(mapping["step"]), _as_int(mapping["max_completion_length"])
+        temperature = float(mapping["temperature"])
+    except (TypeError, ValueError):
+        raise UserError(
+            f"stage {shown} is not numbers: step and max_completion_length must be whole numbers, temperature a number "
+            f"(write stages as {STAGE_FORMAT})"
+        ) from None
+    return Stage(step, temperature, length)
+
+
+def _as_int(value) -> int:
+    number = float(value)
+    if not number.is_integer():
+        raise ValueError(value)
+    return int(number)
+
+
+def parse_stages(value) -> list[Stage] | None:
+    """Read a stage schedule from the command-line string, a YAML list (of mappings or strings) or
+    `Stage`s, and validate it: steps start at 0 or more and increase, temperatures are positive,
+    lengths are positive integers. Returns None for an empty value; raises `UserError` otherwise."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        items = [part for part in value.split(",") if part.strip()]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise UserError(f"stages must be {STAGE_FORMAT}, not {type(value).__name__}")
+    if not items:
+        return None
+    stages = []
+    for item in items:
+        if isinstance(item, Stage):
+            stages.append(item)
+        elif isinstance(item, str):
+            stages.append(_stage_from_text(item))
+        elif isinstance(item, dict):
+            stages.append(_stage_from_mapping(item))
+        else:
+            raise UserError(f"stage {item!r} is neither a mapping nor a string: write stages as {STAGE_FORMAT}")
+    for index, stage in enumerate(stages):
+        if stage.step < 0:
+            raise UserError(f"stage {index + 1} starts at step {stage.step}: steps must be 0 or more")
+        if index and stage.step <= stages[index - 1].step:
+            raise UserError(
+                f"stage steps must increase: stage {index + 1} starts at step {stage.step}, "
+                f"not after stage {index} at step {stages[index - 1].step}"
+            )
+        if not (stage.temperature > 0 and math.isfinite(stage.temperature)):
+            raise UserError(f"stage {index + 1} (step {stage.step}) has temperature {stage.temperature}: it must be above 0")
+        if stage.max_completion_length <= 0:
+            raise UserError(
+                f"stage {index + 1} (step {stage.step}) has max_completion_length {stage.max_completion_length}: it must be a positive number of tokens"
+            )
+    return stages
+
+
+def stages_as_dicts(stages: list[Stage] | None) -> list[dict] | None:
+    """The schedule as plain data, as it is kept in the training config (JSON-serialisable)."""
+    return None if stages is None else [asdict(stage) for stage in stages]
+
+
+def stage_index_at(stages: list[Stage], step: int) -> int:
+    """Index of the stage that governs optimizer step `step` (the last one starting at or before it)."""
+    index = 0
+    for i, stage in enumerate(stages):
+        if stage.step <= step:
+            index = i
+    return index
+
+
+def resolve_stage_config(config) -> None:
+    """Validate `config.stages` (a `PolarisConfig`, after `GRPOConfig.__post_init__`) and make the config agree with it.
+
+    The schedule is stored back as a list of dicts, starting at step 0: a first stage at step 0
+    sets `config.temperature` and `config.max_completion_length` (which TRL reads when the trainer
+    is built, and the before/after measurement uses); a first stage later than 0 gets a stage 0 made
+    of those two values.
+    """
+    stages = parse_stages(config.stages)
+    if stages is None:
+        config.stages = None
+        return
+    if stages[0].step > 0:
+        if not config.max_completion_length:
+            raise UserError("the first stage starts after step 0 and --max_completion_length is not set: add a stage at step 0")
+        stages.insert(0, Stage(0, float(config.temperature), int(config.max_completion_length)))
+    config.temperature = stages[0].temperature
+    config.max_completion_length = stages[0].max_completion_length
+    config.stages = stages_as_dicts(stages)
+
+    overridden = sorted({"temperature", "max_new_tokens", "max_tokens"} & set(config.generation_kwargs or {}))
+    if overridden:
+        raise UserError(f"generation_kwargs sets {', '.join(overridden)}, which would override the stage schedule: remove it from generation_kwargs")
+    longest = max(stage.max_completion_length for stage in stages)
+    if config.use_vllm and config.vllm_max_model_length and longest >= config.vllm_max_model_length:
+        raise UserError(
+            f"a stage allows {longest} completion tokens but vLLM is started with vllm_max_model_length "
+            f"{config.vllm_max_model_length}: raise --vllm_max_model_length above prompt + completion length"
+        )
+    # Completions are generated once per round of `steps_per_generation * num_iterations` micro-steps and
+    # reused for the rest of it; a stage that began mid-round would score the round's completions at a
+    # temperature they were not sampled at. So every stage must start a generation round.
+    micro_steps_per_round = config.steps_per_generation * config.num_iterations
+    every = micro_steps_per_round // math.gcd(config.gradient_accumulation_steps, micro_steps_per_round)
+    for stage in stages:
+        if stage.step % every:
+            raise UserError(
+                f"the stage at step {stage.step} would start in the middle of a generation round: with "
+                f"gradient_accumulation_steps={config.gradient_accumulation_steps}, steps_per_generation="
+                f"{config.steps_per_generation} and num_iterations={config.num_iterations}, completions are "
+                f"generated every {every} steps: start stages at multiples of {every}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# Applying a stage to a GRPOTrainer
+# ----------------------------------------------------------------------------------------------
+
+
+def fused_head_temperature_cells(model) -> list:
+    """The closure cells that hold the temperature of TRL's fused LM head on `model`.
+
+    TRL 1.16 builds the head at trainer init (`trl.trainer.utils.add_fused_lm_head`) as a closure
+    over the temperature, which divides the logits before the log-softmax of the loss and of the
+    old/reference log-probs. Rebinding that one cell updates every later call. The head may sit
+    under wrappers (accelerate's autocast keeps the wrapped forward in `_original_forward` and
+    `__wrapped__`), which are followed; `functools.wraps` gives the head the model's own name, so it
+    is recognised by its code object.
+    """
+    cells, seen = [], set()
+    pending = [getattr(model, "forward", None), getattr(model, "_original_forward", None)]
+    while pending:
+        function = pending.pop()
+        function = getattr(function, "__func__", function)
+        if function is None or id(function) in seen:
+            continue
+        seen.add(id(function))
+        code = getattr(function, "__code__", None)
+        if code is not None and code.co_name == "_fused_forward" and "temperature" in code.co_freevars:
+            cells.append(function.__closure__[code.co_freevars.index("temperature")])
+            continue
+        pending.append(getattr(function, "__wrapped__", None))
+    return cells
+
+
+def trainer_temperature_cells(trainer) -> list:
+    """Temperature cells of the fused heads of the policy (its base model under PEFT) and of the reference model."""
+    from accelerate.utils import is_peft_model
+
+    model = trainer.model
+    cells = fused_head_temperature_cells(model.get_base_model() if is_peft_model(model) else model)
+    if getattr(trainer, "ref_model", None) is not None:
+        cells += fused_head_temperature_cells(trainer.ref_model)
+    if not cells:
+        raise RuntimeError(
+            "the fused LM head that scores log-probabilities was not found on the model, so a stage could "
+            "not update its temperature (this code follows trl==1.16.0; see requirements.txt)"
+        )
+    return cells
+
+
+def apply_stage(trainer, stage: Stage) -> None:
+    """Make a `GRPOTrainer` sample and score at `stage.temperature` with `stage.max_completion_length`.
+
+    The places TRL 1.16 reads the two values after init:
+    - `trainer.temperature`, `trainer.max_completion_length` (tool-call truncation, the `dr_grpo`
+      normaliser, and anything reading the trainer);
+    - `trainer.generation_config` and `trainer.generation_kwargs` (transformers generation; the
+      kwargs override the model's own generation config on every call);
+    - `trainer.vllm_generation.temperature` / `.max_completion_length` (vLLM builds its
+      `SamplingParams` from them on every call, in colocate and server mode);
+    - the fused LM head's temperature (log-probs of the loss, of the old policy and of the reference).
+    `trainer.args` keeps the configured values, so the config stays a record of what was asked for.
+    """
+    temperature, length = float(stage.temperature), int(stage.max_completion_length)
+    trainer.temperature = temperature
+    trainer.max_completion_length = length
+    if getattr(trainer, "use_vllm", False):
+        trainer.vllm_generation.temperature = temperature
+        trainer.vllm_generation.max_completion_length = length
+    if getattr(trainer, "generation_config", None) is not None:
+        trainer.generation_config.temperature = temperature
+        trainer.generation_config.max_new_tokens = length
+    if getattr(trainer, "generation_kwargs", None) is not None:
+        trainer.generation_kwargs.update(temperature=temperature, max_new_tokens=length)
+    cells = getattr(trainer, "_stage_temperature_cells", None)
+    if cells is None:
+        cells = trainer._stage_temperature_cells = trainer_temperature_cells(trainer)
+    for cell in cells:
+        cell.cell_contents = temperature
+    trainer.current_stage = stage
+
+
+class StageScheduleCallback(TrainerCallback):
+    """Applies each stage of `stages` to `trainer` at its first step (also right after resuming)."""
+
+    def __init__(self, trainer, stages: list[Stage]):
+        self.trainer = trainer
+        self.stages = stages
+        self.index = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._enter(state.global_step)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._enter(state.global_step)
+
+    def _enter(self, step: int):
+        index = stage_index_at(self.stages, step)
+        if index == self.index:
+            return
+        stage = self.stages[index]
+        self.trainer.apply_stage(stage)
+        self.index = index
+        if self.trainer.accelerator.is_main_process:
+            print(
+                f"Stage {index + 1}/{len(self.stages)} from step {step}: temperature {stage.temperature:g}, "
+                f"max completion length {stage.max_completion_length}"
+            )
+
+    def log_values(self) -> dict:
+        """The values in force, for the training log."""
+        if self.index is None:
+            return {}
+        stage = self.stages[self.index]
+        return {
+            "schedule/stage": self.index + 1,
+            "schedule/temperature": stage.temperature,
+            "schedule/max_completion_length": stage.max_completion_length,
+        }
+
+
+def attach_stage_schedule(trainer) -> StageScheduleCallback | None:
+    """Register a `StageScheduleCallback` for `trainer.args.stages` (None when there is no schedule).
+
+    Called when the trainer is built, before accelerate wraps the model, so the fused head is found
+    (and a TRL that no longer has it fails here rather than training with a stale temperature).
+    """
+    stages = parse_stages(getattr(trainer.args, "stages", None))
+    if stages is None:
+        return None
+    trainer._stage_temperature_cells = trainer_temperature_cells(trainer)
+    callback = StageScheduleCallback(trainer, stages)
+    trainer.add_callback(callback)
+    return callback
+
+
+# ----------------------------------------------------------------------------------------------
+# Temperature search
+# ----------------------------------------------------------------------------------------------
+
+SWEEP_JSON = "temperature_sweep.json"
+SWEEP_PNG = "temperature_sweep.png"
+
+
+def parse_sweep_range(text: str) -> list[float]:
+    """`"0.6:1.6:0.1"` (START:STOP:STEP, STOP included) -> [0.6, 0.7, ..., 1.6]."""
+    parts = str(text).split(":")
+    try:
+        start, stop, step = (float(part) for part in parts)
+    except ValueError:
+        raise UserError(f"temperature range '{text}' is not START:STOP:STEP (e.g. 0.6:1.6:0.1)") from None
+    if not (start > 0 and stop >= start and step > 0):
+        raise UserError(f"temperature range '{text}' needs 0 < START <= STOP and STEP > 0 (e.g. 0.6:1.6:0.1)")
+    count = int(math.floor((stop - start) / step + 1e-6)) + 1
+    # Rounded to the precision of the inputs, so 0.6 + 3 * 0.1 reads 0.9 in the table and the JSON.
+    decimals = max(_decimals(part) for part in parts)
+    return [round(start + i * step, decimals) for i in range(count)]
+
+
+def _decimals(text: str) -> int:
+    text = text.strip().lower()
+    if "e" in text:
+        return 10
+    return len(text.split(".")[1]) if "." in text else 0
+
+
+def distinct_ngram_ratio(texts: list[str], n: int = 4, unit: str = "word") -> float:
+    """Unique over total n-grams among one problem's responses (0.0 when there are none).
+
+    n-grams are taken within each response, of whitespace-separated words (`unit="word"`, the
+    definition reported by `evaluate.py`), or of characters (`unit="char"`, for text without spaces,
+    such as the toy world's arithmetic).
+    """
+    if unit not in ("word", "char"):
+        raise UserError(f"unknown n-gram unit '{unit}': use word or char")
+    total, unique = 0, set()
+    for text in texts:
+        tokens = text.split() if unit == "word" else list(text)
+        grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+        total += len(grams)
+        unique.update(grams)
+    return len(unique) / total if total else 0.0
+
+
+def sweep_row(temperature: float, scores: list[list[float]], texts: list[list[str]], n: int = 4, unit: str = "word") -> dict:
+    """One temperature's row from its samples: `scores[i]` and `texts[i]` are problem i's n scores and responses.
+
+    `accuracy` is avg@n (the mean of all scores); `accuracy_stderr` is the standard error of the
+    per-problem means (problems are the independent draws); `diversity` is the distinct-n-gram
+    ratio of each problem's responses, averaged over problems.
+    """
+    means = [sum(group) / len(group) for group in scores if group]
+    if not means:
+        raise UserError(f"no samples at temperature {temperature}")
+    accuracy = sum(sum(group) for group in scores) / sum(len(group) for group in scores)
+    stderr = 0.0
+    if len(means) > 1:
+        mean = sum(means) / len(means)
+        stderr = math.sqrt(sum((m - mean) ** 2 for m in means) / (len(means) - 1) / len(means))
+    diversity = sum(distinct_ngram_ratio(group, n, unit) for group in texts) / max(len(texts), 1)
+    return {"temperature": temperature, "accuracy": accuracy, "accuracy_stderr": stderr, "diversity": diversity}
+
+
+def describe_rule(target_diversity: float | None = None, current_temperature: float | None = None) -> str:
+    if target_diversity is None:
+        return (
+            "stage 1: the highest temperature reached from the most accurate one, going up, while accuracy "
+            "stays within one standard error of the best (the edge of the controlled exploration zone)"
+        )
+    floor = f", never below the current {current_temperature:g}" if current_temperature is not None else ""
+    return (
+        f"later stage: the lowest temperature whose diversity reaches the target {target_diversity:g}{floor}; "
+        "if none does, the most diverse one"
+    )
+
+
+def recommend_temperature(rows: list[dict], target_diversity: float | None = None, current_temperature: float | None = None) -> float:
+    """The temperature to train at, from sweep rows (`temperature`, `accuracy`, `accuracy_stderr`, `diversity`).
+
+    Stage 1 (no target): POLARIS picks the temperature where diversity is high before accuracy
+    collapses. From the most accurate temperature, go up while accuracy stays at or above
+    best accuracy - its standard error; the last temperature before the first drop is chosen. A
+    higher temperature that recovers by chance after a drop is not: the zone is contiguous.
+
+    Later stages (`target_diversity`, the diversity the previous stage trained at): RL has lowered
+    the model's entropy, so the temperature is raised just enough to get that diversity back: the
+    lowest temperature whose diversity is at least the target, never below `current_temperature`.
+    If none reaches it, the most diverse temperature at or above the current one; if the sweep has
+    none at or above it, the current temperature.
+    """
+    if not rows:
+        raise UserError("the temperature sweep has no rows")
+    rows = sorted(rows, key=lambda row: row["temperature"])
+    if target_diversity is None:
+        best_index = max(range(len(rows)), key=lambda i: (rows[i]["accuracy"], -rows[i]["temperature"]))
+        best = rows[best_index]
+        threshold = best["accuracy"] - (best.get("accuracy_stderr") or 0.0)
+        chosen = best
+        for row in rows[best_index + 1 :]:
+            if row["accuracy"] < threshold:
+                break
+            chosen = row
+        return chosen["temperature"]
+    candidates = [row for row in rows if current_temperature is None or row["temperature"] >= current_temperature]
+    if not candidates:
+        return current_temperature
+    reaching = [row for row in candidates if row["diversity"] >= target_diversity]
+    if reaching:
+        return reaching[0]["temperature"]
+    return max(candidates, key=lambda row: (row["diversity"], -row["temperature"]))["temperature"]
+
+
+def format_sweep_table(rows: list[dict], recommended: float | None) -> str:
+    """A plain-text table, one line per temperature, the recommended one marked."""
+    lines = [f"{'temperature':>11}  {'accuracy':>8}  {'± s.e.':>7}  {'diversity':>9}", "-" * 42]
+    for row in sorted(rows, key=lambda row: row["temperature"]):
+        mark = "  <- recommended" if recommended is not None and math.isclose(row["temperature"], recommended) else ""
+        lines.append(
+            f"{row['temperature']:>11g}  {row['accuracy']:>8.3f}  {row.get('accuracy_stderr') or 0.0:>7.3f}  {row['diversity']:>9.3f}{mark}"
+        )
+    return "\n".join(lines)
+
+
+def write_sweep_report(rows: list[dict], recommended: float | None, output_dir, rule: str | None = None) -> tuple[Path, Path]:
+    """Write `temperature_sweep.json` and `temperature_sweep.png` (accuracy with standard-error bars
+    and diversity against temperature, the recommendation marked) into `output_dir`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rows = sorted(rows, key=lambda row: row["temperature"])
+    json_path = output_dir / SWEEP_JSON
+    report = {"temperatures": rows, "recommended_temperature": recommended, "rule": rule or describe_rule()}
+    json_path.write_text(json.dumps(report, indent=2))
+
+    temperatures = [row["temperature"] for row in rows]
+    figure, accuracy_axis = plt.subplots(figsize=(6.5, 4))
+    accuracy_axis.errorbar(
+        temperatures, [row["accuracy"] for row in rows], yerr=[row.get("accuracy_stderr") or 0.0 for row in rows],
+        marker="o", capsize=3, color="tab:blue", label="accuracy (avg@n ± s.e.)",
+    )
+    accuracy_axis.set_xlabel("sampling temperature")
+    accuracy_axis.set_ylabel("accuracy", color="tab:blue")
+    diversity_axis = accuracy_axis.twinx()
+    diversity_axis.plot(temperatures, [row["diversity"] for row in rows], marker="s", color="tab:orange", label="distinct-4-gram ratio")
+    diversity_axis.set_ylabel("diversity", color="tab:orange")
+    if recommended is not None:
+        accuracy_axis.axvline(recommended, color="gray", linestyle="--", label=f"recommended {recommended:g}")
+    handles = accuracy_axis.get_legend_handles_labels()[0] + diversity_axis.get_legend_handles_labels()[0]
+    accuracy_axis.legend(handles=handles, loc="best", fontsize=8)
+    accuracy_axis.set_title("Accuracy and diversity against temperature")
+    figure.tight_layout()
+    png_path = output_dir / SWEEP_PNG
+    figure.savefig(png_path, dpi=100)
+    plt.close(figure)
+    return json_path, png_path
