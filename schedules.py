@@ -433,13 +433,19 @@ def recommend_temperature(rows: list[dict], target_diversity: float | None = Non
     return max(candidates, key=lambda row: (row["diversity"], -row["temperature"]))["temperature"]
 
 
+def _temperature_text(temperature: float) -> str:
+    """1.0 -> "1.0", 1.45 -> "1.45": at least one decimal, at most three."""
+    text = f"{temperature:.3f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
 def format_sweep_table(rows: list[dict], recommended: float | None) -> str:
     """A plain-text table, one line per temperature, the recommended one marked."""
     lines = [f"{'temperature':>11}  {'accuracy':>8}  {'± s.e.':>7}  {'diversity':>9}", "-" * 42]
     for row in sorted(rows, key=lambda row: row["temperature"]):
         mark = "  <- recommended" if recommended is not None and math.isclose(row["temperature"], recommended) else ""
         lines.append(
-            f"{row['temperature']:>11g}  {row['accuracy']:>8.3f}  {row.get('accuracy_stderr') or 0.0:>7.3f}  {row['diversity']:>9.3f}{mark}"
+            f"{_temperature_text(row['temperature']):>11}  {row['accuracy']:>8.3f}  {row.get('accuracy_stderr') or 0.0:>7.3f}  {row['diversity']:>9.3f}{mark}"
         )
     return "\n".join(lines)
 
@@ -471,7 +477,7 @@ def write_sweep_report(rows: list[dict], recommended: float | None, output_dir, 
     diversity_axis.plot(temperatures, [row["diversity"] for row in rows], marker="s", color="tab:orange", label="distinct-4-gram ratio")
     diversity_axis.set_ylabel("diversity", color="tab:orange")
     if recommended is not None:
-        accuracy_axis.axvline(recommended, color="gray", linestyle="--", label=f"recommended {recommended:g}")
+        accuracy_axis.axvline(recommended, color="gray", linestyle="--", label=f"recommended {_temperature_text(recommended)}")
     handles = accuracy_axis.get_legend_handles_labels()[0] + diversity_axis.get_legend_handles_labels()[0]
     accuracy_axis.legend(handles=handles, loc="best", fontsize=8)
     accuracy_axis.set_title("Accuracy and diversity against temperature")
