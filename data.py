@@ -68,7 +68,14 @@ def _load_raw(source: str, split: str):
             from datasets import Dataset
 
             return Dataset.from_list(json.loads(path.read_text()))
-        return load_dataset(LOCAL_FORMATS[path.suffix.lower()], data_files=str(path), split="train")
+        with open(path, "rb") as f:
+            is_blank = not f.read(4096).strip()
+        if is_blank:
+            raise UserError(f"{source} is empty: give a file with at least one problem")
+        try:
+            return load_dataset(LOCAL_FORMATS[path.suffix.lower()], data_files=str(path), split="train")
+        except Exception as error:  # datasets raises many kinds for a file it cannot read (0-row parquet included)
+            raise UserError(f"could not read {source} as {LOCAL_FORMATS[path.suffix.lower()]} ({type(error).__name__}): is it empty or damaged?") from error
     try:
         return load_dataset(source, split=split)
     except Exception as error:  # the hub raises many kinds; all mean "could not get it"
@@ -109,6 +116,8 @@ def load_problems(
 ):
     """Load a problem set from a local file or the hub and normalise it (see the module docstring)."""
     dataset = _load_raw(source, split)
+    if len(dataset) == 0:
+        raise UserError(f"{source} has no rows")
     columns = set(dataset.column_names)
     has_problem = problem_column in columns or "prompt" in columns
     has_answer = answer_column in columns or "reward_model" in columns
@@ -117,8 +126,6 @@ def load_problems(
             f"{source} has columns {sorted(columns)}; expected '{problem_column}' and '{answer_column}' "
             "(or verl's 'prompt' and 'reward_model'): set --problem_column / --answer_column"
         )
-    if len(dataset) == 0:
-        raise UserError(f"{source} has no rows")
 
     def normalise(row):
         fields = _normalise_row(row, problem_column, answer_column, prompt_suffix)
