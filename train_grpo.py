@@ -49,6 +49,15 @@ class ScriptArguments(TrlScriptArguments):
     eval_num_samples: int = field(default=4, metadata={"help": "Samples per held-out problem (avg@k)."})
     eval_max_problems: int | None = field(default=200, metadata={"help": "Measure on at most this many problems."})
     toy_dir: str = field(default="outputs/toy", metadata={"help": "Where the toy world is built and cached."})
+    plan: bool = field(
+        default=False,
+        metadata={"help": "Print the estimated peak GPU memory by part and whether it fits, then exit without loading weights (memory_planner.py)."},
+    )
+    gpu_memory: float | None = field(default=None, metadata={"help": "GPU memory in GiB for --plan (default: this machine's GPU)."})
+    save_merged: bool = field(
+        default=False,
+        metadata={"help": "With --use_peft: also save the base model with the adapter merged in, to OUTPUT_DIR/merged."},
+    )
 
 
 @dataclass
@@ -133,9 +142,17 @@ def load_model(model_args: ModelConfig, training_args: PolarisConfig):
         attn_implementation=model_args.attn_implementation,
         dtype=dtype,
     )
-    quantization_config = get_quantization_config(model_args)
-    if quantization_config is not None:
-        kwargs["quantization_config"] = quantization_config
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        from dataclasses import replace
+
+        from accelerate import PartialState
+
+        # bitsandbytes computes in `bnb_4bit_compute_dtype`, which TRL takes from `--dtype` (float32 by
+        # default): compute in the mixed-precision dtype when there is one.
+        compute_dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
+        kwargs["quantization_config"] = get_quantization_config(replace(model_args, dtype=compute_dtype))
+        # Quantized weights are placed while loading: each process loads onto its own GPU.
+        kwargs["device_map"] = {"": PartialState().local_process_index} if torch.cuda.is_available() else None
     try:
         return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     except OSError as error:
@@ -143,6 +160,38 @@ def load_model(model_args: ModelConfig, training_args: PolarisConfig):
             f"could not load model '{model_args.model_name_or_path}': {str(error).splitlines()[0]} "
             "(give a local model directory, a hub id that is downloadable or cached, or `toy`)"
         ) from error
+
+
+def check_model_options(training_args: PolarisConfig, model_args: ModelConfig):
+    """Combinations of LoRA, quantization and vLLM that cannot work, caught before anything loads."""
+    bits = "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit" if model_args.load_in_8bit else None
+    if bits and not model_args.use_peft:
+        raise UserError(f"{bits} freezes the base model in low precision: add --use_peft to train LoRA adapters on it (QLoRA)")
+    if bits and training_args.use_vllm:
+        raise UserError(
+            f"{bits} (QLoRA) cannot run with --use_vllm: TRL cannot sync LoRA adapters into quantized vLLM weights; "
+            "drop --use_vllm (transformers then generates) or drop the quantization"
+        )
+
+
+def save_merged_model(adapter_dir: str | Path, merged_dir: str | Path, dtype=None, trust_remote_code: bool = False) -> Path:
+    """Merge a LoRA adapter into its base model and save the result, loadable without peft.
+
+    The base model is loaded again in full precision (`dtype`, default float32) on the CPU, so a QLoRA
+    adapter is merged into the unquantized weights and the GPU's memory is not needed.
+    """
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    model = AutoPeftModelForCausalLM.from_pretrained(
+        str(adapter_dir), dtype=dtype or torch.float32, device_map=None, trust_remote_code=trust_remote_code
+    )
+    merged = model.merge_and_unload()
+    merged_dir = Path(merged_dir)
+    merged.save_pretrained(merged_dir)
+    AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code).save_pretrained(merged_dir)
+    return merged_dir
 
 
 def load_training_data(script_args: ScriptArguments, tokenizer):
@@ -257,6 +306,11 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
     start = time.time()
     set_seed(training_args.seed)
     is_demo = model_args.model_name_or_path == TOY_NAME
+    check_model_options(training_args, model_args)
+    if script_args.plan:
+        from memory_planner import print_plan
+
+        return print_plan(script_args, training_args, model_args)
     model_args.model_name_or_path = resolve_toy(model_args.model_name_or_path, script_args, "model")
     if not model_args.model_name_or_path:
         raise UserError("no model given: pass --model_name_or_path (a hub id, a local directory or `toy`)")
@@ -293,6 +347,16 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
+    if script_args.save_merged and model_args.use_peft and trainer.accelerator.is_main_process:
+        merged_dir = save_merged_model(
+            training_args.output_dir,
+            Path(training_args.output_dir) / "merged",
+            dtype="bfloat16" if training_args.bf16 else None,
+            trust_remote_code=training_args.trust_remote_code,
+        )
+        print(f"Merged model (base + adapter): {merged_dir}")
+    elif script_args.save_merged and not model_args.use_peft:
+        print(f"--save_merged: nothing to merge without --use_peft, {training_args.output_dir} holds the whole model")
 
     accuracy_after = None
     if eval_problems is not None:
