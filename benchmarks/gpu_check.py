@@ -257,6 +257,8 @@ def run_case(name: str, shape, qlora: bool, checkpoint: Path, tokenizer, length:
     planned = estimate(shape, setup, length)
 
     dataset = training_problems(tokenizer, args.prompt_tokens, 16, work_dir / "problems.jsonl")
+    # Whatever an earlier case left allocated is not this case's: measured peaks are counted above it.
+    baseline = torch.cuda.memory_allocated() if on_gpu else 0
     model = load_model(model_args, training_args)
     peaks, timer = PhasePeaks(), StepTimer()
     trainer = PolarisGRPOTrainer(
@@ -279,8 +281,10 @@ def run_case(name: str, shape, qlora: bool, checkpoint: Path, tokenizer, length:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    training_peak = torch.cuda.max_memory_allocated() if on_gpu else None
+    training_peak = torch.cuda.max_memory_allocated() - baseline if on_gpu else None
+    generation_peak = peaks.generation_peak - baseline if peaks.generation_peak is not None else None
     mean_length = next((row["completions/mean_length"] for row in trainer.state.log_history if "completions/mean_length" in row), None)
+    trainer.accelerator.free_memory()  # drops the accelerator's references to the model and optimizer
     del trainer, model
     free_memory()
 
@@ -289,7 +293,7 @@ def run_case(name: str, shape, qlora: bool, checkpoint: Path, tokenizer, length:
         "completion_tokens": length,
         "sampling": "generate" if sampled else "prefill",
         "mean_completion_length": mean_length,
-        "measured_generation_bytes": peaks.generation_peak,
+        "measured_generation_bytes": generation_peak,
         "planned_generation_bytes": round(planned.generation),
         "measured_training_bytes": training_peak,
         "planned_training_bytes": round(planned.training),
@@ -298,7 +302,8 @@ def run_case(name: str, shape, qlora: bool, checkpoint: Path, tokenizer, length:
         "seconds_per_step": round(sum(timer.seconds) / len(timer.seconds), 2) if timer.seconds else None,
     }
     if on_gpu:
-        row["peak_ratio_measured_over_planned"] = round(max(peaks.generation_peak or 0, training_peak) / planned.allocated, 3)
+        row["memory_allocated_before_bytes"] = baseline
+        row["peak_ratio_measured_over_planned"] = round(max(generation_peak or 0, training_peak) / planned.allocated, 3)
     return row
 
 
