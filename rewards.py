@@ -1,0 +1,967 @@
+"""Math answer verification and TRL reward functions for the POLARIS recipe.
+
+The reward is the only teacher in RL for reasoning, so the verifier must be:
+
+* correct: a right answer in another form (`\\dfrac{1}{2}`, `0.5`, `x = 3`, `025`) scores 1, a wrong one 0;
+* safe: nothing in a completion is ever executed, and an unparseable gold answer never scores 1;
+* bounded: every completion is judged within `TIMEOUT_S` seconds (env `POLARIS_REWARD_TIMEOUT`, default 2)
+  from the main thread, another thread or an asyncio loop alike;
+* fast: a normalised-string / exact-rational path decides most completions in microseconds; only the rest
+  go to math_verify, in a pool of worker processes (one per core, at most 8; forked in milliseconds from a
+  warmed-up template process) where a worker that overruns its deadline is killed and replaced.
+
+Usage with GRPOTrainer (weights come from `GRPOConfig.reward_weights`, in the same order as the names):
+
+    from rewards import get_reward_funcs
+    trainer = GRPOTrainer(..., reward_funcs=get_reward_funcs(["accuracy", "format"]))
+
+The dataset needs an `answer` column (or `solution` / `ground_truth` / verl's `reward_model`). The accuracy
+rewards report `rewards/timeouts`, `rewards/errors`, `rewards/no_answer` and `rewards/rejected` for each batch
+through TRL's `log_metric` callback, and also add them to the module-level counters `STATS`
+(`STATS.pop()` reads and resets them, e.g. once per logging step).
+
+Public API: `verify`, `verify_batch`, `accuracy_reward`, `think_accuracy_reward`, `format_reward`,
+`REWARD_FUNCS`, `get_reward_funcs`, `STATS` / `RewardStats`, `start_workers`, `shutdown_workers`.
+"""
+
+import atexit
+import importlib
+import itertools
+import logging
+import math
+import numbers
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from fractions import Fraction
+from functools import lru_cache
+from multiprocessing.connection import Connection, wait
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings: module attributes or environment variables (pool size and memory apply when the pool starts)
+# ---------------------------------------------------------------------------------------------------------------
+
+TIMEOUT_S = float(os.environ.get("POLARIS_REWARD_TIMEOUT", "2.0"))  # per completion, from dispatch to verdict
+NUM_WORKERS = int(os.environ.get("POLARIS_REWARD_WORKERS", "0"))  # 0 = one per CPU core, at most 8
+WORKER_MEMORY_MB = int(os.environ.get("POLARIS_REWARD_MEMORY_MB", "2048"))  # address space a worker may add
+WORKER_STARTUP_S = 120.0  # a worker that cannot import math_verify in this time is broken, not slow
+
+MAX_ANSWER_CHARS = 1000  # longest gold in the POLARIS eval sets is ~200 chars
+MAX_NESTING = 32  # braces/parentheses; deeper is never a real answer and makes sympy recurse
+MAX_EXPONENT = 10_000  # 2^{2023} is a real answer, (x+1)^{100000} is an attack on expand()
+MAX_FACTORIAL = 10_000
+MAX_JOINED_BOXES = 6  # "\boxed{1}, \boxed{2}" is read as one answer {1, 2}; math_verify allows 6 too
+
+THINK_CLOSE = "</think>"
+THINK_OPEN = "<think>"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Counters the trainer can read (rewards cannot return metrics in TRL 1.16)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class RewardStats:
+    """Thread-safe counters of how completions were judged.
+
+    judged: completions that had a gold answer; fast_path: decided without math_verify; timeouts: killed at the
+    deadline; errors: math_verify or a worker failed; no_answer: no closed box (or no `</think>` when required);
+    rejected: the boxed answer failed the size/exponent/nesting pre-checks. All of these score 0 except fast-path
+    and math_verify verdicts.
+    """
+
+    FIELDS = ("judged", "fast_path", "timeouts", "errors", "no_answer", "rejected")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(self.FIELDS, 0)
+
+    def add(self, counts: dict) -> None:
+        with self._lock:
+            for key, value in counts.items():
+                self._counts[key] += value
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return dict(self._counts)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._counts = dict.fromkeys(self.FIELDS, 0)
+
+    def pop(self) -> dict:
+        """Return the counts and reset them in one step (nothing counted in between is lost)."""
+        with self._lock:
+            counts, self._counts = self._counts, dict.fromkeys(self.FIELDS, 0)
+            return counts
+
+    def __getattr__(self, name):
+        if name in RewardStats.FIELDS:
+            return self.snapshot()[name]
+        raise AttributeError(name)
+
+
+STATS = RewardStats()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Completion text
+# ---------------------------------------------------------------------------------------------------------------
+
+_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+
+
+def _message_text(message) -> str:
+    content = message.get("content") or ""
+    if isinstance(content, list):  # multimodal-style content parts
+        content = "".join(part.get("text") or "" for part in content if isinstance(part, dict))
+    if not isinstance(content, str):
+        content = str(content)
+    # Chat parsers may split the reasoning off the content; put the tags back so require_think still works.
+    for key in _REASONING_KEYS:
+        reasoning = message.get(key)
+        if isinstance(reasoning, str) and reasoning:
+            return f"{THINK_OPEN}{reasoning}{THINK_CLOSE}{content}"
+    return content
+
+
+def completion_text(completion) -> str:
+    """Text of a completion, plain (`str`) or conversational (`[{"role": "assistant", "content": ...}, ...]`).
+
+    Only assistant messages count: a tool result that prints `\\boxed{...}` is not the model's answer.
+    """
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        completion = [completion]
+    if not isinstance(completion, (list, tuple)):
+        return ""
+    parts = [
+        _message_text(m) for m in completion if isinstance(m, dict) and m.get("role", "assistant") == "assistant"
+    ]
+    return "\n".join(parts)
+
+
+def _answer_region(text: str, require_think: bool) -> str | None:
+    """The part of the completion that may hold the answer (None: the reasoning never finished)."""
+    if not require_think:
+        return text
+    head, sep, tail = text.partition(THINK_CLOSE)
+    return tail if sep else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Extracting the last \boxed{...} (linear time, no recursion: a completion can be 1 MB or 10,000 braces deep)
+# ---------------------------------------------------------------------------------------------------------------
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+_BRACE_TOKENS = re.compile(r"\\.|[{}]", re.DOTALL)  # an escaped char (\{, \}, \\) never opens or closes a group
+_BARE_BOX_ARG = re.compile(r"[^\s$]{1,100}")  # `\boxed 5`, as some models write it
+# Text allowed between boxes that together form one answer: "\boxed{1}, \boxed{2}", "$\boxed{a}$ and $\boxed{b}$",
+# "\boxed{(3,3)} \text{ for part (a) and } \boxed{(1,1)}", "y_1 = \boxed{..} \) and \( y_2 = \boxed{..}".
+_GAP_NOISE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mbox)\s*\{|\\q?quad|\\[,;:!\[\]()]|[${}]")
+_GAP_CONNECTOR = re.compile(r"(?:\s|[,;&]|and\b|or\b|for\b|part\b|\(\w\)|[A-Za-z](?:_\w{1,3})?\s*=)*")
+_MAX_GAP_CHARS = 60
+
+NO_ANSWER, REJECTED = "no_answer", "rejected"
+
+
+def _read_box(text: str, start: int, command: str):
+    """Content and end of the box whose command starts at `start`; NO_ANSWER if unclosed, REJECTED if huge."""
+    i = start + len(command)
+    n = len(text)
+    spaced = i < n and text[i] in " \t"
+    while i < n and text[i] in " \t":
+        i += 1
+    if i < n and text[i] == "{":
+        limit = min(n, i + MAX_ANSWER_CHARS + 2)
+        depth = 0
+        for match in _BRACE_TOKENS.finditer(text, i, limit):
+            token = match.group()
+            if token == "{":
+                depth += 1
+            elif token == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[i + 1 : match.start()], match.end()
+        return REJECTED if limit < n else NO_ANSWER
+    if spaced:
+        match = _BARE_BOX_ARG.match(text, i)
+        if match:
+            return match.group(), match.end()
+    return NO_ANSWER
+
+
+class _BoxFinder:
+    """Walks box commands from the end of the text; each character is searched at most once per command."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.next = {cmd: text.rfind(cmd) for cmd in _BOX_COMMANDS}
+
+    def pop(self):
+        command = max(self.next, key=self.next.get)
+        start = self.next[command]
+        if start < 0:
+            return None, None
+        self.next[command] = self.text.rfind(command, 0, start)
+        return start, command
+
+
+def _is_connector(gap: str) -> bool:
+    if len(gap) > _MAX_GAP_CHARS or "\n\n" in gap:
+        return False
+    return _GAP_CONNECTOR.fullmatch(_GAP_NOISE.sub(" ", gap)) is not None
+
+
+def extract_answer(text: str):
+    """(answer, status) for the last box in `text`; status is "ok", NO_ANSWER or REJECTED ("rejected").
+
+    Boxes right before the last one, joined only by a connector such as ", " or " and ", belong to the same
+    answer ("the solutions are \\boxed{1} and \\boxed{2}") and are returned joined by ", ".
+    """
+    finder = _BoxFinder(text)
+    start, command = finder.pop()
+    # `\fboxsep` or `\boxedanswer` are other commands: skip a few of those, not an unbounded number.
+    for _ in range(8):
+        if start is None or text[start + len(command) : start + len(command) + 1] in ("{", " ", "\t", ""):
+            break
+        start, command = finder.pop()
+    if start is None:
+        return None, NO_ANSWER
+    box = _read_box(text, start, command)
+    if not isinstance(box, tuple):
+        return None, box
+    parts = [box[0]]
+    while len(parts) < MAX_JOINED_BOXES:
+        prev_start, prev_command = finder.pop()
+        if prev_start is None or start - prev_start > MAX_ANSWER_CHARS + _MAX_GAP_CHARS:
+            break
+        window = text[prev_start:start]  # the earlier box must close before the later one starts
+        prev = _read_box(window, 0, prev_command)
+        if not isinstance(prev, tuple) or not _is_connector(window[prev[1] :]):
+            break
+        parts.insert(0, prev[0])
+        start = prev_start
+    answer = ", ".join(p.strip() for p in parts)
+    if not answer.strip():
+        return None, NO_ANSWER
+    return answer, "ok"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pre-checks: cheap, in the parent, so that pathological answers never reach sympy
+# ---------------------------------------------------------------------------------------------------------------
+
+_HUGE = "\ue000"  # stands for a folded integer power too large to write out
+_INT_POWER = re.compile(r"(\d+)\s*\^\s*(?:\{\s*(\d+)\s*\}|(\d))")
+_HUGE_IN_EXPONENT = re.compile(r"\^\s*(?:\{[^{}]*" + _HUGE + "|" + _HUGE + ")")
+_EXPONENT_LITERAL = re.compile(r"\^\s*\{?\s*(\d+)")
+_FACTORIAL = re.compile(r"(\d+)\s*!")
+
+
+def _max_nesting(s: str) -> int:
+    depth = deepest = 0
+    for ch in s:
+        if ch in "{(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "})":
+            depth = max(depth - 1, 0)
+    return deepest
+
+
+def _has_huge_power(s: str) -> bool:
+    """Fold numeric power towers from the inside (9^{9^{9}} -> 9^{387420489}) and reject a huge exponent."""
+    for _ in range(s.count("^") + 1):
+        if any(int(m.group(1)) > MAX_EXPONENT for m in _EXPONENT_LITERAL.finditer(s)):
+            return True
+        if _HUGE_IN_EXPONENT.search(s):
+            return True
+        match = _INT_POWER.search(s)
+        if match is None:
+            return False
+        base, exponent = int(match.group(1)), int(match.group(2) or match.group(3))
+        digits = exponent * math.log10(base) if base > 1 else 0
+        folded = str(base**exponent) if digits <= 6 else _HUGE
+        s = s[: match.start()] + folded + s[match.end() :]
+    return False
+
+
+def pathological_reason(answer: str) -> str | None:
+    """Why an extracted answer must not reach sympy, or None if it is safe to verify."""
+    if len(answer) > MAX_ANSWER_CHARS:
+        return "too long"
+    if "__" in answer:  # dunder names only appear in code, never in an answer
+        return "code-like"
+    if answer.count("^") > 64:
+        return "too many powers"
+    if _max_nesting(answer) > MAX_NESTING:
+        return "too deeply nested"
+    if _has_huge_power(answer):
+        return "huge power"
+    if any(int(m.group(1)) > MAX_FACTORIAL for m in _FACTORIAL.finditer(answer)):
+        return "huge factorial"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gold answers and the fast path
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def gold_strings(gold) -> list[str]:
+    """Acceptable answers as clean strings: str, int, float (142.0 -> "142"), or a list / numpy array of those."""
+    if gold is None:
+        return []
+    if isinstance(gold, bytes):
+        gold = gold.decode("utf-8", "replace")
+    if isinstance(gold, str):
+        text = gold.strip()
+        if text.endswith("$."):  # "$(-\infty, 0) \cup \{1\}$." (OlympiadBench)
+            text = text[:-1]
+        while len(text) >= 2 and text[0] == "$" and text[-1] == "$":  # $x$ and $$x$$
+            text = text[1:-1].strip()
+        return [text] if text else []
+    if isinstance(gold, bool):
+        return []
+    if isinstance(gold, numbers.Integral):
+        return [str(int(gold))]
+    if isinstance(gold, numbers.Real):
+        value = float(gold)
+        if not math.isfinite(value):
+            return []
+        return [str(int(value))] if value.is_integer() else [repr(value)]
+    if hasattr(gold, "tolist"):  # numpy arrays and scalars
+        return gold_strings(gold.tolist())
+    if isinstance(gold, (list, tuple)):
+        out = []
+        for item in gold:
+            out += [g for g in gold_strings(item) if g not in out]
+        return out
+    return gold_strings(str(gold))
+
+
+_CANON_NOISE = re.compile(r"\\left(?![a-zA-Z])|\\right(?![a-zA-Z])|\\displaystyle|\\[,;:! ]|\\q?quad|\$|\s+")
+_CANON_TEXT = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mbox)\{([^{}]*)\}")
+_CANON_SCRIPT = re.compile(r"([\^_])\{(\w)\}")
+_LEADING_ASSIGNMENT = re.compile(r"[A-Za-z](?:_\w|_\{\w+\})?=(?!=)")
+# Plain rationals in canonical form: 12, -0.5, .5, \frac{3}{4}, \frac{-3}{4}, \frac34, 3/4.
+_RATIONAL = re.compile(
+    r"(?P<sign>[-+]?)(?:(?P<dec>\d+(?:\.\d*)?|\.\d+)|\\frac\{(?P<fn>[-+]?\d+)\}\{(?P<fd>[-+]?\d+)\}"
+    r"|\\frac(?P<sn>\d)(?P<sd>\d)|(?P<qn>\d+)/(?P<qd>\d+))"
+)
+
+
+@lru_cache(maxsize=4096)
+def canonical(s: str) -> str:
+    """Presentation-free form of a LaTeX answer: no `$`, spacing, `\\left`, `\\dfrac`, `\\text{}` wrappers."""
+    s = _CANON_NOISE.sub("", s)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = _CANON_TEXT.sub(r"\1", s)
+    s = _CANON_SCRIPT.sub(r"\1\2", s)
+    return s.rstrip(".")
+
+
+def _as_rational(s: str) -> tuple[Fraction, bool] | None:
+    """(value, exact) for a plain rational; exact is False for decimals, which math_verify compares rounded."""
+    match = _RATIONAL.fullmatch(s)
+    if match is None or len(s) > 100:
+        return None
+    groups = match.groupdict()
+    try:
+        if groups["dec"] is not None:
+            value, exact = Fraction(groups["dec"]), "." not in groups["dec"]
+        else:
+            num = groups["fn"] or groups["sn"] or groups["qn"]
+            den = groups["fd"] or groups["sd"] or groups["qd"]
+            value, exact = Fraction(int(num), int(den)), True
+    except (ValueError, ZeroDivisionError):
+        return None
+    return (-value if groups["sign"] == "-" else value), exact
+
+
+def fast_match(gold: str, answer: str) -> bool | None:
+    """True/False when a string or plain-number comparison settles it, None when math_verify must decide."""
+    g, a = canonical(gold), canonical(answer)
+    if not g or not a:
+        return None
+    if "=" not in g:
+        a = _LEADING_ASSIGNMENT.sub("", a, count=1) if _LEADING_ASSIGNMENT.match(a) else a
+    if g == a:
+        return True
+    gn, an = _as_rational(g), _as_rational(a)
+    if gn is None or an is None:
+        return None
+    (gv, g_exact), (av, a_exact) = gn, an
+    if gv == av:
+        return True
+    if g_exact and a_exact:
+        return False  # two different exact rationals ("025" == "25" and 2/4 == \frac{1}{2} were caught above)
+    # math_verify rounds floats (6 decimals, 15 digits): only a gap that rounding cannot close is a sure "no".
+    gap = abs(gv - av)
+    if gap >= Fraction(2, 10**6) and gap >= max(abs(gv), abs(av)) * Fraction(1, 10**12):
+        return False
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Worker processes: math_verify runs in each worker's main thread, the parent enforces the deadline
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _limit_resources(memory_mb: int) -> None:
+    import resource
+
+    try:  # Linux; elsewhere the deadline and the CPU cap still bound a worker
+        with open("/proc/self/statm") as f:
+            current = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        limit = current + memory_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    except (OSError, ValueError):
+        pass
+
+
+def _limit_cpu(seconds: float) -> None:
+    """Per-job CPU cap: a worker stuck in C code (a huge GMP power) dies by SIGXCPU even if the parent is gone."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    soft = int(usage.ru_utime + usage.ru_stime + seconds) + 1
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+    except (OSError, ValueError):
+        pass
+
+
+@lru_cache(maxsize=1)
+def _math_verify():
+    from latex2sympy2_extended import NormalizationConfig
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    # Predictions: LaTeX only (ExprExtractionConfig goes through sympy's parse_expr, i.e. eval).
+    pred_config = [
+        LatexExtractionConfig(
+            normalization_config=NormalizationConfig(
+                basic_latex=True, units=True, malformed_operators=True, nits=True, boxed="all", equations=False
+            ),
+            boxed_match_priority=0,
+            try_extract_without_anchor=False,
+        )
+    ]
+    gold_config = [LatexExtractionConfig(), ExprExtractionConfig()]
+    return parse, verify, pred_config, gold_config
+
+
+@lru_cache(maxsize=4096)
+def _parse_gold(gold: str, timeout_s: int):
+    parse, _, _, gold_config = _math_verify()
+    return parse(f"${gold}$", extraction_config=gold_config, parsing_timeout=timeout_s)
+
+
+def _is_false_equation(expr) -> bool:
+    """`5 = 3`: math_verify would compare only the right-hand side, so a false statement could score."""
+    import sympy
+
+    if not isinstance(expr, sympy.Equality) or expr.free_symbols:
+        return False
+    try:
+        difference = complex(sympy.N(expr.lhs - expr.rhs))
+        scale = max(1.0, abs(complex(sympy.N(expr.rhs))))
+    except Exception:
+        return False
+    return abs(difference) > 1e-9 * scale
+
+
+def _math_verify_match(golds: tuple, answer: str, timeout_s: int) -> float:
+    """1.0 if math_verify finds `answer` equivalent to any gold (gold first: its comparison is asymmetric)."""
+    parse, verify, pred_config, _ = _math_verify()
+    pred = parse(
+        "\\boxed{" + answer + "}",
+        extraction_config=pred_config,
+        extraction_mode="first_match",
+        parsing_timeout=timeout_s,
+    )
+    pred = [p for p in pred if not _is_false_equation(p)]
+    if not pred:
+        return 0.0
+    for gold in golds:
+        gold_parsed = _parse_gold(gold, timeout_s)
+        if not gold_parsed:  # an unparseable gold never yields 1
+            continue
+        for g, p in itertools.product(gold_parsed, pred):
+            if not _number_vs_variables(g, p) and verify(g, p, timeout_seconds=timeout_s):
+                return 1.0
+    return 0.0
+
+
+def _number_vs_variables(gold, pred) -> bool:
+    """A number against an expression in variables (10.1 vs e^{at}/2): never equal, since math_verify is strict
+    about variables, and proving it through simplify() is the slowest thing math_verify does."""
+    import sympy
+
+    if not (isinstance(gold, sympy.Expr) and isinstance(pred, sympy.Expr)):
+        return False  # relations, sets, tuples, matrices and strings have their own rules
+    return bool(gold.free_symbols) != bool(pred.free_symbols)
+
+
+_WARM_UP = [
+    (("1/2",), "\\frac{1}{2}"),
+    (("\\frac{1}{2}(e^{at} + e^{-at})",), "10.1"),
+    (("(1, \\frac{\\pi}{2}]",), "[1, 2) \\cup \\{3\\}"),
+    (("x = 2, y = 3",), "\\sqrt{3} x^2 \\leq 2"),
+    (("90^\\circ",), "90\\%"),
+]
+
+
+def _quiet_math_verify_logs() -> None:
+    for name in ("math_verify", "latex2sympy2_extended"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _worker_loop(job_fd: int, result_fd: int, memory_mb: int) -> None:
+    """A worker: read (job_id, golds, answer, timeout) and answer (job_id, score, status) until the parent leaves."""
+    from math_verify.errors import TimeoutException
+
+    jobs = Connection(job_fd, writable=False)
+    results = Connection(result_fd, readable=False)
+    _limit_resources(memory_mb)
+    results.send(("ready", os.getpid()))
+    while True:
+        try:
+            job_id, golds, answer, timeout_s = jobs.recv()
+        except (EOFError, OSError):
+            return  # the parent is gone or gave up on us
+        # The parent kills us at the deadline; math_verify's own alarm (a second later) and the CPU cap are
+        # backstops for a worker whose parent died mid-job.
+        _limit_cpu(2 * timeout_s + 5)
+        try:
+            score, status = _math_verify_match(golds, answer, timeout_s + 1), "ok"
+        except (Exception, TimeoutException):  # MemoryError and RecursionError included
+            score, status = 0.0, "error"
+        try:
+            results.send((job_id, score, status))
+        except (EOFError, OSError):
+            return
+
+
+def _zygote_main(control_fd: int, memory_mb: int) -> None:
+    """A warmed-up template process that forks a ready worker for each request (a worker in ~10 ms, not seconds).
+
+    Each request carries the worker's two pipe ends; the zygote is single-threaded, so forking it is safe.
+    """
+    import signal
+    import socket
+
+    control = socket.socket(fileno=control_fd)
+    _quiet_math_verify_logs()
+    # Import sympy, build the LaTeX parser and trigger simplify's lazy imports (sympy.physics.units alone takes
+    # ~0.5 s) once, here, so that no worker pays for them against a deadline.
+    for golds, answer in _WARM_UP:
+        _math_verify_match(golds, answer, 10)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped automatically
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(control, 16, 2)
+        except OSError:
+            return
+        if not message:
+            return  # the parent is gone
+        if len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            continue
+        if os.fork() == 0:
+            control.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            try:
+                _worker_loop(fds[0], fds[1], memory_mb)
+            finally:
+                os._exit(0)
+        for fd in fds:
+            os.close(fd)
+
+
+class _Zygote:
+    def __init__(self, memory_mb: int):
+        import socket
+
+        module_dir = os.path.dirname(os.path.abspath(__file__))
+        module_name = os.path.splitext(os.path.basename(__file__))[0]
+        self.control, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        code = (
+            f"import sys; sys.path.insert(0, {module_dir!r}); "
+            f"from {module_name} import _zygote_main; _zygote_main({child_end.fileno()}, {memory_mb})"
+        )
+        # A fresh interpreter (not a fork of the trainer): its threads, CUDA state and __main__ stay out.
+        # -P keeps the current directory off sys.path, so a stray sympy.py there cannot be imported.
+        safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, *safe_path, "-c", code],
+                pass_fds=(child_end.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+            )
+        except BaseException:
+            self.control.close()
+            raise
+        finally:
+            child_end.close()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def request_worker(self, job_r: int, result_w: int) -> None:
+        import socket
+
+        socket.send_fds(self.control, [b"w"], [job_r, result_w])
+
+    def close(self) -> None:
+        self.control.close()
+        try:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        except Exception:
+            pass
+
+
+class _Worker:
+    """The parent's handle on one worker: its two pipes, and its pid once it has said "ready"."""
+
+    def __init__(self, jobs: Connection, results: Connection):
+        self.jobs = jobs
+        self.results = results
+        self.pid = None
+        self.ready = False
+        self.started = time.monotonic()
+        self.job = None  # index of the job in flight
+        self.deadline = 0.0
+
+    def kill(self) -> None:
+        # Only a worker that said "ready" has a pid, and one is killed only while it still owes an answer (alive).
+        # Closing the pipes ends every other worker: it exits when it reads end-of-file.
+        if self.pid is not None and self.job is not None:
+            try:
+                os.kill(self.pid, 9)
+            except OSError:
+                pass
+        for conn in (self.jobs, self.results):
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+
+class _WorkerPool:
+    def __init__(self, size: int, memory_mb: int):
+        self.size = size
+        self.memory_mb = memory_mb
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.zygote: _Zygote | None = None
+        self.workers: list[_Worker] = []
+        self.failed_starts = 0  # workers that died before "ready": a broken install, not a hard completion
+
+    def _new_worker(self) -> _Worker:
+        job_r, job_w = os.pipe()
+        result_r, result_w = os.pipe()
+        try:
+            if self.zygote is None or not self.zygote.alive():
+                if self.zygote is not None:
+                    self.zygote.close()
+                self.zygote = _Zygote(self.memory_mb)
+            self.zygote.request_worker(job_r, result_w)
+        except OSError:  # the zygote died: this worker never starts (EOF below) and the next call makes a new one
+            logger.warning("reward worker template process is gone; restarting it", exc_info=True)
+            if self.zygote is not None:
+                self.zygote.close()
+                self.zygote = None
+        finally:
+            os.close(job_r)
+            os.close(result_w)
+        return _Worker(Connection(job_w, readable=False), Connection(result_r, writable=False))
+
+    def start(self) -> None:
+        while len(self.workers) < self.size:
+            self.workers.append(self._new_worker())
+
+    def wait_ready(self, timeout: float) -> bool:
+        with self.lock:
+            self.start()
+            end = time.monotonic() + timeout
+            while not all(w.ready for w in self.workers) and time.monotonic() < end and not self.broken():
+                self._poll(end - time.monotonic(), results=None)
+            return all(w.ready for w in self.workers)
+
+    def broken(self) -> bool:
+        return self.failed_starts > 2 * self.size + 2 and not any(w.ready for w in self.workers)
+
+    def _replace(self, worker: _Worker) -> None:
+        if not worker.ready:
+            self.failed_starts += 1
+        worker.kill()
+        self.workers[self.workers.index(worker)] = self._new_worker()
+
+    def _poll(self, timeout: float, results) -> None:
+        """Wait for messages from any worker for at most `timeout` seconds and handle them."""
+        by_conn = {w.results: w for w in self.workers}
+        for conn in wait(list(by_conn), timeout=max(timeout, 0.0)):
+            worker = by_conn[conn]
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):  # the worker died (memory limit, CPU cap, crash) or never started
+                if worker.job is not None and results is not None:
+                    results[worker.job] = (0.0, "error")
+                worker.job = None  # nothing left to kill
+                self._replace(worker)
+                continue
+            if message[0] == "ready":
+                worker.ready, worker.pid = True, message[1]
+                self.failed_starts = 0
+            elif results is not None and message[0] == worker.job:
+                results[worker.job] = (message[1], message[2])
+                worker.job = None
+
+    def run(self, jobs: list, timeout_s: float) -> list:
+        """Judge (golds, answer) jobs in parallel; each gets `timeout_s` from the moment a worker takes it."""
+        results = [None] * len(jobs)
+        pending = list(range(len(jobs)))[::-1]
+        with self.lock:
+            self.start()
+            for worker in list(self.workers):
+                if worker.job is not None:  # left over from a call that was interrupted: its answer is stale
+                    self._replace(worker)
+            alarm_s = max(1, math.ceil(timeout_s))
+            while True:
+                now = time.monotonic()
+                for worker in list(self.workers):
+                    if worker.job is not None and now > worker.deadline:  # overran: kill, score 0
+                        results[worker.job] = (0.0, "timeout")
+                        self._replace(worker)
+                    elif not worker.ready and now - worker.started > WORKER_STARTUP_S:
+                        logger.error("reward worker did not start in %.0fs; restarting it", WORKER_STARTUP_S)
+                        self._replace(worker)
+                for worker in self.workers:
+                    if worker.ready and worker.job is None and pending:
+                        index = pending.pop()
+                        golds, answer = jobs[index]
+                        try:
+                            worker.jobs.send((index, golds, answer, alarm_s))
+                        except (OSError, ValueError):  # died while idle: requeue the job, start a fresh one
+                            pending.append(index)
+                            self._replace(worker)
+                            continue
+                        worker.job, worker.deadline = index, time.monotonic() + timeout_s
+                busy = [w.deadline for w in self.workers if w.job is not None]
+                if not busy and not pending:
+                    break
+                if not busy and self.broken():  # nothing can ever run these jobs
+                    logger.error("reward workers keep dying before they are ready; scoring %d answers 0", len(pending))
+                    break
+                wait_s = (min(busy) - time.monotonic()) if busy else 0.5
+                self._poll(min(wait_s, 0.5) + 0.001, results)
+        return [r if r is not None else (0.0, "error") for r in results]
+
+    def close(self) -> None:
+        if os.getpid() != self.pid:  # a forked child must not kill its parent's workers
+            return
+        with self.lock:
+            for worker in self.workers:
+                worker.kill()
+            self.workers = []
+            if self.zygote is not None:
+                self.zygote.close()
+                self.zygote = None
+
+
+_POOL: _WorkerPool | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> _WorkerPool:
+    """The worker pool, created on first use (never at import) and again in a forked child process."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL.pid != os.getpid():
+            size = NUM_WORKERS or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
+            _POOL = _WorkerPool(max(1, size), WORKER_MEMORY_MB)
+            atexit.register(_POOL.close)
+        return _POOL
+
+
+def start_workers(timeout: float = WORKER_STARTUP_S) -> bool:
+    """Start the verifier processes now (e.g. before training) instead of on the first hard completion."""
+    return _pool().wait_ready(timeout)
+
+
+def shutdown_workers() -> None:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is not None and _POOL.pid == os.getpid():
+            _POOL.close()
+            atexit.unregister(_POOL.close)
+        _POOL = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verification
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _judge(completions: list, golds: list, require_think: bool, timeout: float | None):
+    """Scores (1.0/0.0, None where there is no gold) and the per-batch counts."""
+    timeout = TIMEOUT_S if timeout is None else timeout
+    counts = dict.fromkeys(RewardStats.FIELDS, 0)
+    scores: list[float | None] = [None] * len(completions)
+    jobs: dict[tuple, list[int]] = {}  # (golds, answer) -> rows: a GRPO group often repeats the same answer
+    for row, (completion, gold) in enumerate(zip(completions, golds, strict=True)):
+        gold_list = gold_strings(gold)
+        if not gold_list:
+            continue
+        counts["judged"] += 1
+        scores[row] = 0.0
+        try:
+            region = _answer_region(completion_text(completion), require_think)
+            answer, status = extract_answer(region) if region is not None else (None, NO_ANSWER)
+            if status != "ok":
+                counts[status] += 1
+                continue
+            verdicts = [fast_match(g, answer) for g in gold_list]
+            if any(v is True for v in verdicts) or all(v is False for v in verdicts):
+                counts["fast_path"] += 1
+                scores[row] = 1.0 if any(verdicts) else 0.0
+                continue
+            if pathological_reason(answer):  # only what goes on to sympy needs the pre-checks
+                counts[REJECTED] += 1
+                continue
+        except Exception:  # a bug here must cost one completion its reward, not the run
+            logger.exception("reward pre-processing failed")
+            counts["errors"] += 1
+            continue
+        # Golds that differ only in presentation (MinervaMath lists "\\frac{a}{b}\n" and "\\frac{a}{b}") once.
+        undecided = tuple({canonical(g): g for g, v in zip(gold_list, verdicts, strict=True) if v is None}.values())
+        jobs.setdefault((undecided, answer), []).append(row)
+    if jobs:
+        try:
+            verdicts = _pool().run(list(jobs), timeout)
+        except Exception:  # e.g. no process could be started: these answers score 0 and are counted as errors
+            logger.exception("reward worker pool failed")
+            verdicts = [(0.0, "error")] * len(jobs)
+        for rows, (score, status) in zip(jobs.values(), verdicts, strict=True):
+            for row in rows:
+                scores[row] = score
+            if status in ("timeout", "error"):
+                counts["timeouts" if status == "timeout" else "errors"] += len(rows)
+    STATS.add(counts)
+    return scores, counts
+
+
+def verify(completion, gold, require_think: bool = False, *, timeout: float | None = None) -> float:
+    """1.0 if the last `\\boxed{}` of `completion` is equivalent to `gold` (or any item of a list of golds), else 0.0.
+
+    With `require_think`, only text after the first `</think>` counts and a completion without it scores 0.
+    Timeouts, errors and answers without a usable gold all score 0.0.
+    """
+    scores, _ = _judge([completion], [gold], require_think, timeout)
+    return scores[0] or 0.0
+
+
+def verify_batch(completions: list, golds: list, require_think: bool = False, *, timeout: float | None = None):
+    """`verify` for many completions at once, judged in parallel; None where a gold is missing."""
+    return _judge(list(completions), list(golds), require_think, timeout)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TRL reward functions: (completions, **kwargs) -> list[float | None]
+# ---------------------------------------------------------------------------------------------------------------
+
+_GOLD_COLUMNS = ("answer", "solution", "ground_truth")
+
+
+def _gold_column(kwargs: dict, n: int) -> list:
+    for key in _GOLD_COLUMNS:
+        if kwargs.get(key) is not None:
+            return list(kwargs[key])
+    if kwargs.get("reward_model") is not None:  # verl parquet schema
+        return [(r or {}).get("ground_truth") if isinstance(r, dict) else None for r in kwargs["reward_model"]]
+    raise ValueError(f"accuracy reward needs a gold column: one of {', '.join(_GOLD_COLUMNS)} (got {sorted(kwargs)})")
+
+
+def _log_counts(kwargs: dict, counts: dict) -> None:
+    log_metric = kwargs.get("log_metric")
+    if callable(log_metric):
+        for key in ("timeouts", "errors", "no_answer", "rejected"):
+            log_metric(f"rewards/{key}", float(counts[key]))
+
+
+def accuracy_reward(completions, **kwargs) -> list[float | None]:
+    """1.0 when the last boxed answer matches the row's `answer`, else 0.0; None where the gold is missing."""
+    scores, counts = _judge(completions, _gold_column(kwargs, len(completions)), False, None)
+    _log_counts(kwargs, counts)
+    return scores
+
+
+def think_accuracy_reward(completions, **kwargs) -> list[float | None]:
+    """accuracy_reward on the text after `</think>`; a completion that never closes its reasoning scores 0."""
+    scores, counts = _judge(completions, _gold_column(kwargs, len(completions)), True, None)
+    _log_counts(kwargs, counts)
+    return scores
+
+
+def has_think_format(text: str) -> bool:
+    """`<think>reasoning</think> ... \\boxed{answer}`; the opening tag may be missing because many chat templates
+    (DeepSeek-R1, Qwen3) put it in the prompt."""
+    head, sep, tail = text.partition(THINK_CLOSE)
+    if not sep or THINK_CLOSE in tail or THINK_OPEN in tail:
+        return False
+    reasoning = head.strip()
+    if reasoning.startswith(THINK_OPEN):
+        reasoning = reasoning[len(THINK_OPEN) :]
+    if THINK_OPEN in reasoning or not reasoning.strip():
+        return False
+    return extract_answer(tail)[1] == "ok"
+
+
+def format_reward(completions, **kwargs) -> list[float]:
+    """1.0 for reasoning closed by `</think>` followed by a `\\boxed{}` answer, else 0.0."""
+    return [1.0 if has_think_format(completion_text(c)) else 0.0 for c in completions]
+
+
+REWARD_FUNCS = {
+    "accuracy": accuracy_reward,
+    "think_accuracy": think_accuracy_reward,
+    "format": format_reward,
+}
+
+
+def get_reward_funcs(names) -> list:
+    """Reward functions for registry names or dotted import paths (`package.module.function`), in order."""
+    if isinstance(names, str):
+        names = [names]
+    funcs = []
+    for name in names:
+        if name in REWARD_FUNCS:
+            funcs.append(REWARD_FUNCS[name])
+            continue
+        known = ", ".join(sorted(REWARD_FUNCS))
+        if "." not in name:
+            raise ValueError(f"Unknown reward function {name!r}: use one of {known} or a path package.module.function")
+        module_path, func_name = name.rsplit(".", 1)
+        try:
+            func = getattr(importlib.import_module(module_path), func_name)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"Cannot import reward function {name!r} ({e}); known names: {known}") from None
+        if not callable(func):
+            raise ValueError(f"Reward function {name!r} is not callable; known names: {known}")
+        funcs.append(func)
+    return funcs
