@@ -20,6 +20,7 @@ from pathlib import Path
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser, get_peft_config, get_quantization_config
 from trl import ScriptArguments as TrlScriptArguments
 
+from batch_repair import BatchRepairMixin
 from data import DEFAULT_PROMPT_SUFFIX, UserError, filter_long_prompts, load_problems, run_cli
 
 
@@ -74,6 +75,22 @@ class PolarisConfig(GRPOConfig):
             'e.g. "0:1.4:39936,300:1.45:48128" (STEP:TEMPERATURE:MAX_COMPLETION_LENGTH); see schedules.py.'
         },
     )
+    # Zero-advantage groups (all rollouts right or all wrong) are repaired; see batch_repair.py.
+    rollout_rescue: bool = field(
+        default=True, metadata={"help": "Replace one rollout of an all-failed group by the prompt's last correct completion."}
+    )
+    informative_substitution: bool = field(
+        default=True, metadata={"help": "Replace zero-variance groups by copies of informative groups of the same batch."}
+    )
+    min_informative_fraction: float = field(
+        default=1 / 3, metadata={"help": "Substitute only when more than this fraction of groups is informative."}
+    )
+    dynamic_sampling: bool = field(
+        default=False, metadata={"help": "Below that fraction, generate again with fresh prompts first (DAPO)."}
+    )
+    dynamic_sampling_max_batches: int = field(
+        default=3, metadata={"help": "At most this many extra generation batches per step with --dynamic_sampling."}
+    )
 
     def __post_init__(self):
         import torch
@@ -86,14 +103,17 @@ class PolarisConfig(GRPOConfig):
             self.bf16 = has_bf16 and not self.fp16
         if not torch.cuda.is_available():
             self.use_cpu = True
+        if not 0.0 <= self.min_informative_fraction < 1.0:
+            raise UserError(f"--min_informative_fraction must be in [0, 1), got {self.min_informative_fraction}")
         super().__post_init__()
         from schedules import resolve_stage_config
 
         resolve_stage_config(self)
 
 
-class PolarisGRPOTrainer(GRPOTrainer):
-    """`GRPOTrainer` plus the POLARIS additions (see the other modules)."""
+class PolarisGRPOTrainer(BatchRepairMixin, GRPOTrainer):
+    """`GRPOTrainer` plus the POLARIS additions (see the other modules). `BatchRepairMixin`
+    (batch_repair.py): rollout rescue, informative substitution and the per-prompt ledger."""
 
     def __init__(self, *args, **kwargs):
         from schedules import attach_stage_schedule
@@ -298,7 +318,8 @@ def print_report(summary: dict, output_dir: Path, is_demo: bool):
 # ----------------------------------------------------------------------------------------------
 
 
-def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args: ModelConfig):
+def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args: ModelConfig, trainer_class=None):
+    """Train and measure; `trainer_class` (default `PolarisGRPOTrainer`) lets ablations run TRL's own."""
     from transformers import AutoTokenizer, set_seed
 
     from rewards import get_reward_funcs
@@ -336,7 +357,7 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
         accuracy_before = measure_accuracy(model, tokenizer, eval_problems, script_args, training_args, "Accuracy before")
         print(f"Held-out accuracy before training: {accuracy_before:.3f}")
 
-    trainer = PolarisGRPOTrainer(
+    trainer = (trainer_class or PolarisGRPOTrainer)(
         model=model,
         reward_funcs=reward_funcs,
         args=training_args,
@@ -373,6 +394,8 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
         "model": model_args.model_name_or_path,
         "dataset": script_args.dataset_name,
     }
+    if hasattr(trainer, "repair_summary"):
+        summary["batch_repair"] = trainer.repair_summary()
     if trainer.accelerator.is_main_process:
         write_summary(output_dir, summary)
         plot_learning_curve(trainer.state.log_history, output_dir / "learning_curve.png")

@@ -1,0 +1,620 @@
+"""Keeping every GRPO batch informative: rollout rescue, informative substitution, the per-prompt ledger.
+
+A group is the `num_generations` rollouts of one prompt. When its rewards are all equal (all right or all
+wrong) its advantages are zero and it teaches nothing; late in training most groups are like that and the
+batch shrinks silently. POLARIS repairs the batch in two ways, both switchable in `PolarisConfig`:
+
+- rollout rescue (`--rollout_rescue`): the ledger keeps, per prompt, the latest correct completion seen; when
+  every rollout of that prompt fails later, one failed rollout is replaced by the kept one *before* rewards
+  and old log-probs are computed, so the group becomes 1/G right and is trained on what is scored;
+- informative substitution (`--informative_substitution`): zero-variance groups are replaced by copies of
+  groups with mixed rewards from the same batch, drawn without replacement while possible. Whole rows are
+  copied (prompt, completion, masks, old log-probs, advantages), never re-scored against the replaced
+  prompt (the released POLARIS code did that, which undid the substitution). When no more than
+  `--min_informative_fraction` of the groups are informative the batch is kept unchanged and counted;
+  `--dynamic_sampling` (DAPO) first generates fresh prompts, at most `--dynamic_sampling_max_batches` times.
+
+A rollout counts as correct when the first reward function (accuracy, by convention) gives it at least
+`CORRECT_REWARD`. Decisions are taken on rewards gathered from all processes with a seeded `random.Random`,
+so every process takes the same ones; rows are moved between processes by padding and gathering.
+
+The per-prompt ledger `<output_dir>/prompt_ledger.json` (read by `filter_data.py --from_training_log`):
+
+    {"version": 1, "prompts": {"<prompt_id>": {"seen": int, "group_rewards": [float, ...],
+                                               "kept_completion": str | null, "kept_step": int | null}}}
+
+`group_rewards` holds, per group of the prompt, the mean of the first reward function over the model's own
+rollouts (before rescue); `kept_step` is the number of optimizer steps done when the kept one was sampled.
+It is written with every checkpoint (into the checkpoint and the output directory) and when training ends
+(kept completions can be long: writing it every step would cost more than it tells), and a resumed run
+reads it back from its checkpoint.
+
+The pure logic (`choose_rescues`, `plan_batch`, the row helpers, `PromptLedger`) is unit-tested on
+constructed batches; `BatchRepairMixin` wires it into TRL's `GRPOTrainer` (see `train_grpo.PolarisGRPOTrainer`).
+"""
+
+import hashlib
+import json
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data import UserError, prompt_id as problem_prompt_id
+
+
+CORRECT_REWARD = 1.0  # accuracy rewards are 1.0 for a right answer, 0.0 otherwise
+LEDGER_FILE = "prompt_ledger.json"
+LEDGER_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Decisions on a batch of known rewards
+# ----------------------------------------------------------------------------------------------
+
+
+def grouped(values: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """(num_rows,) -> (num_groups, num_generations); the rows of a group are consecutive, as TRL orders them."""
+    if values.shape[0] % num_generations:
+        raise ValueError(f"{values.shape[0]} rows do not split into groups of {num_generations}")
+    return values.reshape(-1, num_generations)
+
+
+def informative_groups(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """(num_groups,) bool: the group's rewards differ, so its advantages are not all zero (TRL's test)."""
+    groups = grouped(rewards.float(), num_generations)
+    mean = torch.nanmean(groups, dim=1, keepdim=True)
+    count = (~torch.isnan(groups)).sum(dim=1)
+    variance = torch.nanmean((groups - mean) ** 2, dim=1)
+    std = torch.where(count > 1, variance.sqrt(), torch.zeros_like(variance))
+    std = torch.nan_to_num(std, nan=0.0)
+    return ~torch.isclose(std, torch.zeros_like(std))
+
+
+def correct_rows(rewards_per_func: torch.Tensor) -> torch.Tensor:
+    """(num_rows,) bool: the first reward function (accuracy) says the rollout is right. NaN is not right."""
+    first = rewards_per_func[:, 0] if rewards_per_func.dim() == 2 else rewards_per_func
+    return torch.nan_to_num(first.float(), nan=-float("inf")) >= CORRECT_REWARD
+
+
+def choose_rescues(correct: torch.Tensor, group_prompt_ids: list[str], num_generations: int, has_kept) -> list[int]:
+    """Rows to replace by the kept completion: the last rollout of every group whose rollouts all failed and
+    whose prompt has a kept correct completion (`has_kept(prompt_id) -> bool`)."""
+    solved_any = grouped(correct, num_generations).any(dim=1).tolist()
+    return [
+        group * num_generations + num_generations - 1
+        for group, (solved, pid) in enumerate(zip(solved_any, group_prompt_ids, strict=True))
+        if not solved and has_kept(pid)
+    ]
+
+
+def first_correct_rows(correct: torch.Tensor, num_generations: int) -> dict[int, int]:
+    """group -> its first correct row, for the groups with one (the completion the ledger keeps)."""
+    found = {}
+    for row in torch.nonzero(correct).flatten().tolist():
+        found.setdefault(row // num_generations, row)
+    return found
+
+
+def enough_informative(num_informative: int, num_groups: int, min_informative_fraction: float, substitute: bool) -> bool:
+    """Whether a batch needs no more fresh groups: substitution can fill it (strictly more than the minimum
+    fraction is informative) or, without substitution, every group already is informative."""
+    if substitute:
+        return num_informative > min_informative_fraction * num_groups + 1e-9
+    return num_informative >= num_groups
+
+
+@dataclass
+class RepairPlan:
+    """Which group of the pool fills each group slot of the batch. Pool ids: the batch's own groups are
+    0..n-1, groups of fresh batches (dynamic sampling) follow."""
+
+    group_sources: list[int]
+    fresh_used: int = 0  # zero-variance groups replaced by fresh informative groups
+    substituted: int = 0  # zero-variance groups replaced by a copy of an informative group
+    kept_unchanged: bool = False  # too few informative groups: substitution skipped
+    informative_after: int = 0
+
+    @property
+    def changes_rows(self) -> bool:
+        return any(source != slot for slot, source in enumerate(self.group_sources))
+
+
+def plan_batch(
+    informative: list[bool],
+    min_informative_fraction: float,
+    rng: random.Random,
+    substitute: bool = True,
+    fresh_informative: list[int] = (),
+) -> RepairPlan:
+    """Plan the repair of one batch given which of its groups are informative.
+
+    Zero-variance groups are first filled with fresh informative groups (pool ids, dynamic sampling), in
+    order; the remaining ones, when `substitute` and strictly more than `min_informative_fraction` of the
+    groups are then informative, by copies of informative groups drawn without replacement while possible
+    (a new draw of all of them when they run out). Otherwise the batch stays as it is and `kept_unchanged`.
+    """
+    sources = list(range(len(informative)))
+    is_informative = list(informative)
+    zero_variance = [g for g, ok in enumerate(informative) if not ok]
+    fresh = list(fresh_informative)
+    plan = RepairPlan(sources)
+    for slot in zero_variance[: len(fresh)]:
+        sources[slot], is_informative[slot] = fresh[plan.fresh_used], True
+        plan.fresh_used += 1
+    targets = [g for g, ok in enumerate(is_informative) if not ok]
+    donors = [g for g, ok in enumerate(is_informative) if ok]
+    if substitute and targets:
+        if not donors or not enough_informative(len(donors), len(informative), min_informative_fraction, True):
+            plan.kept_unchanged = True
+        else:
+            pool = []
+            for slot in targets:
+                if not pool:
+                    pool = rng.sample(donors, len(donors))
+                sources[slot] = sources[pool.pop()]
+                is_informative[slot] = True
+                plan.substituted += 1
+    plan.informative_after = sum(is_informative)
+    return plan
+
+
+def row_sources(group_sources: list[int], num_generations: int) -> torch.Tensor:
+    """Pool row for every row of the repaired batch: whole groups are copied, row by row."""
+    return torch.tensor([source * num_generations + j for source in group_sources for j in range(num_generations)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Copying rows of TRL's batch dict
+# ----------------------------------------------------------------------------------------------
+
+# Per-row tensors of `GRPOTrainer._generate_and_score_completions`' output and how each is padded.
+PROMPT_FIELDS = {"prompt_ids": "pad", "prompt_mask": 0}  # left-padded to the prompt width
+COMPLETION_FIELDS = {  # right-padded to the completion width
+    "completion_ids": "pad",
+    "completion_mask": 0,
+    "tool_mask": 1,
+    "old_per_token_logps": 0.0,
+    "sampling_per_token_logps": 0.0,
+    "ref_per_token_logps": 0.0,
+    "importance_sampling_ratio": 1.0,
+}
+VECTOR_FIELDS = ("advantages",)
+RECOMPUTED_FIELDS = ("num_items_in_batch",)  # depends on the rows: recomputed after they change
+
+
+def row_fields(batch: dict, pad_token_id: int, sequence_level_ratio: bool = False) -> dict:
+    """key -> (pad_first, pad_value) for the per-row tensors of `batch` (pad_first None: no width to pad).
+
+    Anything else in the batch (images, ...) cannot be copied row by row: refuse rather than train on a
+    batch whose rows no longer match."""
+    fields = {}
+    for key, value in batch.items():
+        if value is None or key in RECOMPUTED_FIELDS:
+            continue
+        if key in PROMPT_FIELDS:
+            fields[key] = (True, pad_token_id if PROMPT_FIELDS[key] == "pad" else PROMPT_FIELDS[key])
+        elif key in COMPLETION_FIELDS:
+            per_sequence = key == "importance_sampling_ratio" and sequence_level_ratio
+            pad_value = pad_token_id if COMPLETION_FIELDS[key] == "pad" else COMPLETION_FIELDS[key]
+            fields[key] = (None if per_sequence else False, pad_value)
+        elif key in VECTOR_FIELDS:
+            fields[key] = (None, 0)
+        else:
+            raise ValueError(
+                f"cannot copy the rows of a batch holding '{key}' (multimodal or custom rollouts): "
+                "turn off --informative_substitution and --dynamic_sampling"
+            )
+    return fields
+
+
+def pad_width(tensor: torch.Tensor, width: int, pad_first: bool, value) -> torch.Tensor:
+    missing = width - tensor.shape[1]
+    if missing <= 0:
+        return tensor
+    padding = torch.full((tensor.shape[0], missing, *tensor.shape[2:]), value, dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([padding, tensor] if pad_first else [tensor, padding], dim=1)
+
+
+def merge_rows(batches: list[dict], fields: dict) -> dict:
+    """Concatenate the rows of several batches, padding prompt/completion tensors to common widths."""
+    merged = {}
+    for key, (pad_first, value) in fields.items():
+        tensors = [batch[key] for batch in batches]
+        if pad_first is not None:
+            width = max(t.shape[1] for t in tensors)
+            tensors = [pad_width(t, width, pad_first, value) for t in tensors]
+        merged[key] = torch.cat(tensors, dim=0)
+    return merged
+
+
+def take_rows(rows: dict, index: torch.Tensor) -> dict:
+    """The rows `index` of every per-row tensor, in that order."""
+    return {key: tensor[index.to(tensor.device)] for key, tensor in rows.items()}
+
+
+def gather_rows(accelerator, batch: dict, fields: dict) -> dict:
+    """The per-row tensors of all processes, in process order (padded to common widths first)."""
+    gathered = {}
+    for key, (pad_first, value) in fields.items():
+        tensor = batch[key]
+        if pad_first is not None:
+            tensor = accelerator.pad_across_processes(tensor, dim=1, pad_index=value, pad_first=pad_first)
+        gathered[key] = accelerator.gather(tensor)
+    return gathered
+
+
+def loss_token_count(batch: dict) -> torch.Tensor:
+    """Tokens that carry loss in this process' rows (TRL's `num_items_in_batch` before gathering)."""
+    mask = batch["completion_mask"]
+    if batch.get("tool_mask") is not None:
+        mask = mask * batch["tool_mask"]
+    return mask.sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-prompt ledger
+# ----------------------------------------------------------------------------------------------
+
+
+class PromptLedger:
+    """Per prompt: groups seen, the mean reward of each, and the latest correct completion (the rescue buffer)."""
+
+    def __init__(self, prompts: dict | None = None):
+        self.prompts = prompts if prompts is not None else {}
+
+    def record(self, prompt_id: str, mean_reward: float, kept_completion: str | None = None, step: int | None = None):
+        entry = self.prompts.setdefault(
+            prompt_id, {"seen": 0, "group_rewards": [], "kept_completion": None, "kept_step": None}
+        )
+        entry["seen"] += 1
+        entry["group_rewards"].append(None if mean_reward != mean_reward else round(float(mean_reward), 6))
+        if kept_completion is not None:
+            entry["kept_completion"], entry["kept_step"] = kept_completion, step
+
+    def kept_completion(self, prompt_id: str) -> str | None:
+        entry = self.prompts.get(prompt_id)
+        return entry["kept_completion"] if entry else None
+
+    def to_json(self) -> dict:
+        return {"version": LEDGER_VERSION, "prompts": self.prompts}
+
+    def digest(self) -> str:
+        return hashlib.sha1(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+
+    def save(self, path) -> Path:
+        """Write atomically: a reader (filter_data.py) never sees half a file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(self.to_json()))
+        os.replace(temporary, path)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "PromptLedger":
+        try:
+            content = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise UserError(f"cannot read the prompt ledger {path}: {error}") from error
+        if not isinstance(content, dict) or content.get("version") != LEDGER_VERSION or "prompts" not in content:
+            raise UserError(f"{path} is not a version-{LEDGER_VERSION} prompt ledger")
+        return cls(content["prompts"])
+
+
+def row_prompt_id(row: dict) -> str:
+    """The row's `prompt_id` column (data.py adds it), else a hash of its prompt."""
+    if row.get("prompt_id") is not None:
+        return str(row["prompt_id"])
+    prompt = row.get("prompt")
+    return problem_prompt_id(prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, default=str))
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer side
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoredBatch:
+    """One generation batch as TRL returns it, with what the repair needs to know about its groups."""
+
+    output: dict  # this process' rows
+    informative_before: torch.Tensor  # (num_groups,) before rescue: the model's own rollouts
+    informative: torch.Tensor  # (num_groups,) after rescue
+    solve_none: int
+    solve_all: int
+    rescued: int
+
+
+class BatchRepairMixin:
+    """Rollout rescue, informative substitution, dynamic sampling and the per-prompt ledger for a subclass of
+    TRL's `GRPOTrainer` (place it before `GRPOTrainer` in the bases). Settings come from the `PolarisConfig`
+    fields `rollout_rescue`, `informative_substitution`, `min_informative_fraction`, `dynamic_sampling` and
+    `dynamic_sampling_max_batches`; a plain `GRPOConfig` turns everything but the ledger off.
+
+    Hooks into TRL 1.16: `_generate` (rescue, after sampling, before old log-probs and rewards),
+    `_calculate_rewards` (reuses the scores rescue computed), `_generate_and_score_completions` (ledger,
+    substitution, dynamic sampling), `_save_checkpoint` / `log` / `_load_optimizer_and_scheduler` (ledger
+    file)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ledger = PromptLedger()
+        self.repair_totals = Counter()  # whole-run counts (see `repair_summary`)
+        self._generation_inputs = None  # rows being generated, for the rewards rescue computes
+        self._group_prompt_ids = None  # prompt id of every group of the batch, all processes
+        self._generated_completion_ids = None  # this process' completion token ids, after rescue
+        self._rewards_before_rescue = None  # gathered rewards_per_func of the model's own rollouts
+        self._rescued_rewards = None  # gathered rewards_per_func after rescue, handed to TRL's scoring
+        self._batch_rewards = None  # gathered rewards_per_func TRL used for the advantages
+        self._num_rescued = 0
+        self._check_repair_supported()
+
+    # -- settings --
+
+    def _setting(self, name, default=False):
+        return getattr(self.args, name, default)
+
+    def _check_repair_supported(self):
+        if not (self._setting("rollout_rescue") or self._setting("informative_substitution") or self._setting("dynamic_sampling")):
+            return
+        if self.tools or self.rollout_func is not None or self.environment_factories is not None or self._is_vlm:
+            raise UserError(
+                "rollout rescue, informative substitution and dynamic sampling support single-turn text rollouts only: "
+                "pass --rollout_rescue false --informative_substitution false --dynamic_sampling false"
+            )
+        if not 0.0 <= self._setting("min_informative_fraction", 1 / 3) < 1.0:
+            raise UserError("--min_informative_fraction must be in [0, 1)")
+        if self._setting("dynamic_sampling") and not hasattr(self.train_dataset, "__getitem__"):
+            raise UserError("--dynamic_sampling needs a map-style (not streaming) training dataset")
+
+    # -- generation and scoring hooks --
+
+    def _generate(self, prompts):
+        generated = super()._generate(prompts)
+        if not self.model.training:
+            return generated
+        prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images = generated
+        self._generated_completion_ids = completion_ids
+        if self._setting("rollout_rescue"):
+            completion_ids, completions, logprobs = self._rescue_rollouts(prompts, completion_ids, completions, logprobs)
+        return prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards, self._rescued_rewards = self._rescued_rewards, None
+        if rewards is None:
+            rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._batch_rewards = rewards
+        return rewards
+
+    def _rescue_rollouts(self, prompts, completion_ids, completions, logprobs):
+        """Score the rollouts once; in every all-failed group whose prompt has a kept correct completion, put
+        that completion in place of the last rollout; rescore only the replaced rows; keep all the scores for
+        TRL's own reward step, so it neither scores twice nor misses the replacement."""
+        inputs = self._generation_inputs
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids)  # gathered
+        self._rewards_before_rescue = rewards
+        rows = choose_rescues(
+            correct_rows(rewards), self._group_prompt_ids, self.num_generations,
+            lambda pid: self.ledger.kept_completion(pid) is not None,
+        )
+        self._num_rescued = len(rows)
+        if rows:
+            completion_ids, completions, logprobs = list(completion_ids), list(completions), logprobs
+            local_rows, offset = len(prompts), self.accelerator.process_index * len(prompts)
+            for row in rows:
+                if offset <= row < offset + local_rows:
+                    i = row - offset
+                    kept = self.ledger.kept_completion(self._group_prompt_ids[row // self.num_generations])
+                    completion_ids[i] = self._encode_completion(kept)
+                    text = self._decode_completion(completion_ids[i])
+                    completions[i] = [{"role": "assistant", "content": text}] if isinstance(completions[i], list) else text
+                    if logprobs is not None:  # not sampled: no sampling log-probs (NaN = no correction)
+                        logprobs = list(logprobs)
+                        logprobs[i] = [None] * len(completion_ids[i])
+            rewards = self._rescore_rows(rows, inputs, prompts, completions, completion_ids, rewards.clone())
+            self._generated_completion_ids = completion_ids
+        self._rescued_rewards = rewards
+        return completion_ids, completions, logprobs
+
+    def _rescore_rows(self, rows, inputs, prompts, completions, completion_ids, rewards):
+        """Score the replaced rows. TRL's scoring gathers across processes, so every process scores the same
+        number of rows (padding with repeats) and keeps the scores of the real ones."""
+        local_rows, num_processes = len(prompts), self.accelerator.num_processes
+        per_process = [[r - p * local_rows for r in rows if p * local_rows <= r < (p + 1) * local_rows] for p in range(num_processes)]
+        count = max(len(local) for local in per_process)
+        local = per_process[self.accelerator.process_index]
+        picks = local + [local[0] if local else 0] * (count - len(local))
+        # Reward functions may log extra columns and metrics per row; the batch already logged them once.
+        saved_extra = {k: list(v) for k, v in self._pending_extra_logs.items()}
+        saved_metrics = {k: list(v) for k, v in self._pending_metrics.items()}
+        scores = super()._calculate_rewards(
+            [inputs[i] for i in picks], [prompts[i] for i in picks],
+            [completions[i] for i in picks], [completion_ids[i] for i in picks],
+        )
+        self._pending_extra_logs.clear()
+        self._pending_extra_logs.update(saved_extra)
+        self._pending_metrics.clear()
+        self._pending_metrics.update(saved_metrics)
+        for p, local_list in enumerate(per_process):
+            for j, i in enumerate(local_list):
+                rewards[p * local_rows + i] = scores[p * count + j]
+        return rewards
+
+    def _encode_completion(self, text: str) -> list[int]:
+        """Token ids of a kept completion, ended by EOS and cut to the current completion length."""
+        tokenizer = self._tokenizer
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else self.eos_token_ids[0]
+        return (list(ids) + [eos])[: self.max_completion_length]
+
+    def _decode_completion(self, ids) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    # -- the batch --
+
+    def _score_batch(self, inputs) -> ScoredBatch:
+        """Generate and score with TRL (rescue happens inside), then record every group in the ledger."""
+        num_generations = self.num_generations
+        self._generation_inputs = inputs
+        self._group_prompt_ids = gather_object_list([row_prompt_id(row) for row in inputs])[::num_generations]
+        self._rewards_before_rescue, self._rescued_rewards, self._num_rescued = None, None, 0
+        output = super()._generate_and_score_completions(inputs)
+
+        before = self._rewards_before_rescue if self._rewards_before_rescue is not None else self._batch_rewards
+        weights = self.reward_weights.to(before.device)
+        correct = correct_rows(before)
+        solved = grouped(correct, num_generations).sum(dim=1)
+        self._record_in_ledger(before, correct, len(inputs))
+        return ScoredBatch(
+            output=output,
+            informative_before=informative_groups((before * weights).nansum(dim=1), num_generations).cpu(),
+            informative=informative_groups((self._batch_rewards * weights).nansum(dim=1), num_generations).cpu(),
+            solve_none=int((solved == 0).sum()),
+            solve_all=int((solved == num_generations).sum()),
+            rescued=self._num_rescued,
+        )
+
+    def _record_in_ledger(self, rewards, correct, local_rows):
+        """Every process records the same groups (gathered rewards), so all ledgers stay identical."""
+        num_generations = self.num_generations
+        keep = first_correct_rows(correct, num_generations)
+        offset = self.accelerator.process_index * local_rows
+        local_texts = [
+            (row, self._decode_completion(self._generated_completion_ids[row - offset]))
+            for row in keep.values()
+            if offset <= row < offset + local_rows
+        ]
+        texts = dict(gather_object_list(local_texts))
+        means = torch.nanmean(grouped(rewards[:, 0].float(), num_generations), dim=1).tolist()
+        for group, (pid, mean) in enumerate(zip(self._group_prompt_ids, means, strict=True)):
+            kept = texts.get(keep[group]) if group in keep else None
+            self.ledger.record(pid, mean, kept, self.state.global_step)
+
+    def _fresh_inputs(self, local_rows: int, attempt: int) -> list[dict]:
+        """A new generation batch of random training prompts (dynamic sampling), the same on every process."""
+        num_generations, num_processes = self.num_generations, self.accelerator.num_processes
+        num_groups = local_rows * num_processes // num_generations
+        rng = random.Random(f"{self.args.seed}-fresh-{self.state.global_step}-{attempt}")
+        size = len(self.train_dataset)
+        picks = rng.sample(range(size), num_groups) if num_groups <= size else rng.choices(range(size), k=num_groups)
+        rows = [index for index in picks for _ in range(num_generations)]
+        start = self.accelerator.process_index * local_rows
+        return [self.train_dataset[index] for index in rows[start : start + local_rows]]
+
+    def _generate_and_score_completions(self, inputs):
+        if not self.model.training:
+            return super()._generate_and_score_completions(inputs)
+        substitute = self._setting("informative_substitution")
+        min_fraction = self._setting("min_informative_fraction", 1 / 3)
+        batches = [self._score_batch(inputs)]
+        first = batches[0]
+        num_groups = first.informative.numel()
+
+        fresh, extra_seconds = [], 0.0
+        if self._setting("dynamic_sampling"):
+            start = time.perf_counter()
+            while not enough_informative(int(first.informative.sum()) + len(fresh), num_groups, min_fraction, substitute) and (
+                len(batches) <= self._setting("dynamic_sampling_max_batches", 3)
+            ):
+                extra = self._score_batch(self._fresh_inputs(len(inputs), len(batches)))
+                fresh += [num_groups * len(batches) + g for g in torch.nonzero(extra.informative).flatten().tolist()]
+                batches.append(extra)
+            extra_seconds = time.perf_counter() - start
+
+        rng = random.Random(f"{self.args.seed}-substitution-{self.state.global_step}")
+        plan = plan_batch(first.informative.tolist(), min_fraction, rng, substitute, fresh)
+        output = self._assemble_batch(batches, plan) if plan.changes_rows else first.output
+        self._log_repair(first, plan, num_groups, extra_batches=len(batches) - 1, extra_seconds=extra_seconds)
+        return output
+
+    def _assemble_batch(self, batches: list[ScoredBatch], plan: RepairPlan) -> dict:
+        """Copy whole rows (from any process, from any batch of the pool) into this process' slots."""
+        first = batches[0].output
+        sequence_level = str(getattr(self, "vllm_importance_sampling_mode", None) or "").startswith("sequence")
+        fields = row_fields(first, self._tokenizer.pad_token_id, sequence_level)
+        pool = merge_rows([gather_rows(self.accelerator, batch.output, fields) for batch in batches], fields)
+        local_rows = first["completion_ids"].shape[0]
+        start = self.accelerator.process_index * local_rows
+        sources = row_sources(plan.group_sources, self.num_generations)[start : start + local_rows]
+        output = take_rows(pool, sources)
+        output["num_items_in_batch"] = self.accelerator.gather(loss_token_count(output)).sum()
+        return output
+
+    def _log_repair(self, first: ScoredBatch, plan: RepairPlan, num_groups: int, extra_batches: int, extra_seconds: float):
+        metrics = {
+            "informative_before": float(first.informative_before.float().mean()),
+            "informative_after": plan.informative_after / num_groups,
+            "groups_rescued": first.rescued,
+            "groups_substituted": plan.substituted,
+            "solve_none": first.solve_none,
+            "solve_all": first.solve_all,
+            "batch_kept_unchanged": int(plan.kept_unchanged),
+        }
+        if self._setting("dynamic_sampling"):
+            metrics.update(fresh_groups=plan.fresh_used, extra_generation_batches=extra_batches, extra_generation_seconds=extra_seconds)
+        for name, value in metrics.items():
+            self._metrics["train"][f"repair/{name}"].append(float(value))
+        self.repair_totals.update(
+            batches=1,
+            groups=num_groups,
+            informative_groups_before=int(first.informative_before.sum()),
+            informative_groups_after=plan.informative_after,
+            groups_rescued=first.rescued,
+            groups_substituted=plan.substituted,
+            fresh_groups=plan.fresh_used,
+            solve_none=first.solve_none,
+            solve_all=first.solve_all,
+            batches_kept_unchanged=int(plan.kept_unchanged),
+            extra_generation_batches=extra_batches,
+        )
+        self.repair_totals["extra_generation_seconds"] += extra_seconds
+
+    def repair_summary(self) -> dict:
+        """Whole-run counts, with the informative fraction of generated and of trained groups."""
+        totals = dict(self.repair_totals)
+        groups = totals.get("groups", 0)
+        if groups:
+            totals["informative_fraction_before"] = totals.get("informative_groups_before", 0) / groups
+            totals["informative_fraction_after"] = totals.get("informative_groups_after", 0) / groups
+        totals["extra_generation_seconds"] = round(totals.get("extra_generation_seconds", 0.0), 2)
+        return totals
+
+    # -- the ledger file --
+
+    def save_ledger(self, directory=None) -> Path | None:
+        if not self.accelerator.is_main_process:
+            return None
+        return self.ledger.save(Path(directory or self.args.output_dir) / LEDGER_FILE)
+
+    def log(self, logs, start_time=None):
+        super().log(logs, start_time)
+        if "train_runtime" in logs:  # the last log of `train()`: the run's final ledger
+            self.save_ledger()
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        digests = gather_object_list([self.ledger.digest()])
+        if len(set(digests)) > 1:  # every process takes the same decisions; a difference is a bug, not noise
+            raise RuntimeError(f"the prompt ledgers of the processes differ: {digests}")
+        checkpoint = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            self.save_ledger(checkpoint)
+            self.save_ledger()
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and (Path(checkpoint) / LEDGER_FILE).is_file():
+            self.ledger = PromptLedger.load(Path(checkpoint) / LEDGER_FILE)
+
+
+def gather_object_list(values: list) -> list:
+    """The lists of all processes, concatenated in process order (the list itself with one process)."""
+    from accelerate.utils import gather_object
+
+    return gather_object(values)
