@@ -158,7 +158,7 @@ def load_model(model_args: ModelConfig, training_args: PolarisConfig):
         dtype = torch.bfloat16 if training_args.bf16 else "auto" if torch.cuda.is_available() else torch.float32
     kwargs = dict(
         revision=model_args.model_revision,
-        trust_remote_code=model_args.trust_remote_code,
+        trust_remote_code=training_args.trust_remote_code,
         attn_implementation=model_args.attn_implementation,
         dtype=dtype,
     )
@@ -345,7 +345,7 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
         raise UserError(str(error)) from error
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)
     except OSError as error:
         raise UserError(f"could not load the tokenizer of '{model_args.model_name_or_path}': {str(error).splitlines()[0]}") from error
     train_dataset = load_training_data(script_args, tokenizer)
