@@ -612,6 +612,20 @@ class BatchRepairMixin:
         if checkpoint is not None and (Path(checkpoint) / LEDGER_FILE).is_file():
             self.ledger = PromptLedger.load(Path(checkpoint) / LEDGER_FILE)
 
+    # -- the whole-run counts, kept in checkpoints.py's recipe_state.json --
+
+    def recipe_state(self) -> dict:
+        parent = getattr(super(), "recipe_state", None)
+        state = parent() if parent else {}
+        state["repair_totals"] = dict(self.repair_totals)
+        return state
+
+    def load_recipe_state(self, state: dict) -> None:
+        parent = getattr(super(), "load_recipe_state", None)
+        if parent:
+            parent(state)
+        self.repair_totals = Counter(state.get("repair_totals") or {})
+
 
 def gather_object_list(values: list) -> list:
     """The lists of all processes, concatenated in process order (the list itself with one process)."""

@@ -21,6 +21,7 @@ from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser, get_peft_config
 from trl import ScriptArguments as TrlScriptArguments
 
 from batch_repair import BatchRepairMixin
+from checkpoints import CheckpointMixin
 from data import DEFAULT_PROMPT_SUFFIX, UserError, filter_long_prompts, load_problems, run_cli
 
 
@@ -111,9 +112,10 @@ class PolarisConfig(GRPOConfig):
         resolve_stage_config(self)
 
 
-class PolarisGRPOTrainer(BatchRepairMixin, GRPOTrainer):
-    """`GRPOTrainer` plus the POLARIS additions (see the other modules). `BatchRepairMixin`
-    (batch_repair.py): rollout rescue, informative substitution and the per-prompt ledger."""
+class PolarisGRPOTrainer(CheckpointMixin, BatchRepairMixin, GRPOTrainer):
+    """`GRPOTrainer` plus the POLARIS additions (see the other modules). `CheckpointMixin` (checkpoints.py):
+    complete-or-ignored checkpoints, exact resumption, a checkpoint and a clean stop on Ctrl-C / SIGTERM.
+    `BatchRepairMixin` (batch_repair.py): rollout rescue, informative substitution and the per-prompt ledger."""
 
     def __init__(self, *args, **kwargs):
         from schedules import attach_stage_schedule
@@ -314,6 +316,55 @@ def print_report(summary: dict, output_dir: Path, is_demo: bool):
 
 
 # ----------------------------------------------------------------------------------------------
+# Resuming and interrupts (checkpoints.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def find_resume_checkpoint(training_args: PolarisConfig) -> Path | None:
+    """The checkpoint `--resume_from_checkpoint` (a path, or `true` for the newest complete one) names."""
+    from checkpoints import print_warning, resolve_resume_checkpoint
+
+    warn = print_warning if training_args.process_index == 0 else (lambda message: None)
+    return resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir, warn)
+
+
+def eval_settings(eval_problems, script_args: ScriptArguments, training_args: PolarisConfig) -> dict | None:
+    """What the before/after measurement depends on (a resumed run reuses the first run's `before` if it matches)."""
+    if eval_problems is None:
+        return None
+    return {
+        "dataset": script_args.eval_dataset_name, "problems": len(eval_problems), "num_samples": script_args.eval_num_samples,
+        "temperature": training_args.temperature, "top_p": training_args.top_p, "top_k": training_args.top_k,
+        "max_new_tokens": training_args.max_completion_length, "seed": training_args.seed,
+    }
+
+
+def accuracy_before_from(checkpoint: Path | None, measurement: dict) -> float | None:
+    from checkpoints import read_recipe_state
+
+    record = (read_recipe_state(checkpoint).get("run") or {}) if checkpoint is not None else {}
+    return record.get("accuracy_before") if record.get("eval") == measurement else None
+
+
+def report_interrupt(trainer, interrupt) -> dict:
+    """One line saying where the interrupted run's checkpoint is and how to go on from it."""
+    import signal
+
+    from checkpoints import resume_command
+
+    step = trainer.state.global_step
+    checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+    if trainer.accelerator.is_main_process:
+        script = Path(__file__).name
+        argv = sys.argv if Path(sys.argv[0]).name == script else [script, "ARGUMENTS"]
+        demo = DEMO_RECIPE.relative_to(Path.cwd()) if DEMO_RECIPE.is_relative_to(Path.cwd()) else DEMO_RECIPE
+        command = resume_command(checkpoint, argv, default_args=["--config", str(demo)], num_processes=trainer.accelerator.num_processes)
+        print(f"interrupted at step {step} ({signal.Signals(interrupt.stopped_by).name}); checkpoint saved in {checkpoint}; resume with: {command}", flush=True)
+    trainer.accelerator.wait_for_everyone()  # under a launcher, no process exits (and gets the others stopped) before this line
+    return {"interrupted": signal.Signals(interrupt.stopped_by).name, "exit_code": interrupt.exit_code, "steps": step, "checkpoint": str(checkpoint)}
+
+
+# ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
 
@@ -332,6 +383,7 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
         from memory_planner import print_plan
 
         return print_plan(script_args, training_args, model_args)
+    resume_checkpoint = find_resume_checkpoint(training_args)  # before anything loads: a wrong path fails at once
     model_args.model_name_or_path = resolve_toy(model_args.model_name_or_path, script_args, "model")
     if not model_args.model_name_or_path:
         raise UserError("no model given: pass --model_name_or_path (a hub id, a local directory or `toy`)")
@@ -352,10 +404,14 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
     eval_problems = load_eval_problems(script_args)
     model = load_model(model_args, training_args)
 
-    accuracy_before = None
+    accuracy_before, measurement = None, eval_settings(eval_problems, script_args, training_args)
     if eval_problems is not None:
-        accuracy_before = measure_accuracy(model, tokenizer, eval_problems, script_args, training_args, "Accuracy before")
-        print(f"Held-out accuracy before training: {accuracy_before:.3f}")
+        accuracy_before = accuracy_before_from(resume_checkpoint, measurement)
+        if accuracy_before is None:
+            accuracy_before = measure_accuracy(model, tokenizer, eval_problems, script_args, training_args, "Accuracy before")
+            print(f"Held-out accuracy before training: {accuracy_before:.3f}")
+        else:
+            print(f"Held-out accuracy before training: {accuracy_before:.3f} (kept in {resume_checkpoint})")
 
     trainer = (trainer_class or PolarisGRPOTrainer)(
         model=model,
@@ -365,7 +421,12 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if hasattr(trainer, "run_record"):  # kept with every checkpoint, so a resumed run need not measure again
+        trainer.run_record.update(accuracy_before=accuracy_before, eval=measurement)
+    trainer.train(resume_from_checkpoint=str(resume_checkpoint) if resume_checkpoint else None)
+    interrupt = getattr(trainer, "interrupt", None)
+    if interrupt is not None and interrupt.stopped_by:
+        return report_interrupt(trainer, interrupt)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
     if script_args.save_merged and model_args.use_peft and trainer.accelerator.is_main_process:
@@ -428,7 +489,13 @@ def parse_args(args: list[str] | None = None):
 
 
 def cli():
-    main(*parse_args())
+    try:
+        summary = main(*parse_args())
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print("stopped at once by Ctrl-C; resume from the newest complete checkpoint with --resume_from_checkpoint true", file=sys.stderr)
+        sys.exit(130)
+    if isinstance(summary, dict) and summary.get("exit_code"):  # interrupted: 130 (SIGINT) or 143 (SIGTERM)
+        sys.exit(summary["exit_code"])
 
 
 if __name__ == "__main__":
