@@ -340,7 +340,7 @@ class BatchRepairMixin:
     Hooks into TRL 1.16: `_generate` (rescue, after sampling, before old log-probs and rewards),
     `_calculate_rewards` (reuses the scores rescue computed), `_generate_and_score_completions` (ledger,
     substitution, dynamic sampling), `_save_checkpoint` / `log` / `_load_optimizer_and_scheduler` (ledger
-    file)."""
+    file), `recipe_state` / `load_recipe_state` (whole-run counts, checkpoints.py)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -393,7 +393,10 @@ class CheckpointMixin:
         if checkpoint is not None and is_main:
             step = json.loads((checkpoint / COMPLETE_MARKER).read_text()).get("global_step", checkpoint_step(checkpoint))
             print(f"Resuming from {checkpoint} (step {step})", flush=True)
-        return super().train(str(checkpoint) if checkpoint is not None else None, *args, **kwargs)
+        try:
+            return super().train(str(checkpoint) if checkpoint is not None else None, *args, **kwargs)
+        finally:  # also when training fails: Ctrl-C goes back to its usual meaning
+            self.interrupt.on_train_end(self.args, self.state, self.control)
 
     def _save_checkpoint(self, model, trial):
         run_dir = Path(self._get_output_dir(trial=trial))

@@ -23,7 +23,8 @@ maj@k for k = 1, 2, 4, ... up to n, problems solved by no sample and by all, tru
 of answers without a box, mean response length (tokens) and distinct-4-gram diversity.
 Writes `samples.jsonl` (one row per sample, appended problem by problem: a killed run resumes where
 it stopped, matching finished problems by a hash of the settings) and `summary.json` (all metrics
-and the full settings) into `--output_dir`, and prints a table.
+and the full settings) into `--output_dir`, and prints a table. Under `accelerate launch` the processes
+sample the chunks in turn and the main process writes what one process would (processes.py).
 """
 
 import hashlib
@@ -577,28 +578,36 @@ def sample_benchmark(benchmark: Benchmark, temperature: float, settings: dict, s
     """Sample and judge every problem of `benchmark` that has no finished samples in the file; returns how many were sampled."""
     from tqdm.auto import tqdm
 
+    from processes import is_main_process, share_from_main, shared_map
+
     num_samples = benchmark.num_samples
     key = settings_hash(settings, num_samples, temperature)
-    groups = read_samples(samples_path, {key})
-    done = {p["problem_id"] for p in benchmark.problems if complete_rows(groups, (key, benchmark.name, p["problem_id"]), num_samples)}
+
+    def finished_problems():
+        groups = read_samples(samples_path, {key})
+        return {p["problem_id"] for p in benchmark.problems if complete_rows(groups, (key, benchmark.name, p["problem_id"]), num_samples)}
+
+    done = share_from_main(finished_problems)  # under accelerate launch only the main process reads and writes the file
     pending = [p for p in benchmark.problems if p["problem_id"] not in done]
     label = f"{benchmark.name} (T={temperature:g}, n={num_samples})"
-    if done:
+    if done and is_main_process():
         print(f"{label}: {len(done)}/{len(benchmark.problems)} problems already sampled in {samples_path}, {len(pending)} to go")
     if not pending:
         return 0
     sampler = get_sampler()
     per_call = sampler.problems_per_call(num_samples)
     # Chunks are cut from the whole benchmark, not from what is left, so a resumed run samples each
-    # chunk exactly as an uninterrupted one would (same problems, same seed).
+    # chunk exactly as an uninterrupted one would (same problems, same seed), in any process.
     chunks = [benchmark.problems[i : i + per_call] for i in range(0, len(benchmark.problems), per_call)]
-    bar = tqdm(total=len(benchmark.problems), initial=len(done), desc=label, unit="problem")
-    for chunk in chunks:
-        todo = [p for p in chunk if p["problem_id"] not in done]
-        if not todo:
-            continue
-        samples = sampler.sample(todo, num_samples, temperature)
-        append_rows(samples_path, score_samples(benchmark, todo, samples, key, temperature))
+    todo_chunks = [todo for todo in ([p for p in chunk if p["problem_id"] not in done] for chunk in chunks) if todo]
+
+    def sample_chunk(todo):
+        return score_samples(benchmark, todo, sampler.sample(todo, num_samples, temperature), key, temperature)
+
+    bar = tqdm(total=len(benchmark.problems), initial=len(done), desc=label, unit="problem", disable=not is_main_process())
+    for todo, rows in zip(todo_chunks, shared_map(todo_chunks, sample_chunk)):
+        if is_main_process():
+            append_rows(samples_path, rows)
         bar.update(len(todo))
     bar.close()
     return len(pending)
@@ -745,7 +754,10 @@ def main(args: EvalArguments) -> dict:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     samples_path = output_dir / SAMPLES_FILE
-    drop_partial_line(samples_path)
+    from processes import is_main_process
+
+    if is_main_process():
+        drop_partial_line(samples_path)
 
     sampler = None
 
@@ -753,7 +765,8 @@ def main(args: EvalArguments) -> dict:
         nonlocal sampler
         if sampler is None:
             sampler = VLLMSampler(model, rope, args) if args.backend == "vllm" else HFSampler(model, config, args)
-            warn_about_context(benchmarks, sampler.tokenizer, rope, args)
+            if is_main_process():
+                warn_about_context(benchmarks, sampler.tokenizer, rope, args)
         return sampler
 
     sampled = 0
@@ -761,6 +774,8 @@ def main(args: EvalArguments) -> dict:
         for benchmark in benchmarks:
             sampled += sample_benchmark(benchmark, temperature, settings, samples_path, get_sampler)
     # The numbers are computed from the samples file, so they cover resumed runs and can be checked against it.
+    if not is_main_process():  # the main process gathered everything and writes the results
+        return {}
     results = {t: collect_metrics(benchmarks, t, settings, samples_path, args.ngram_unit) for t in temperatures}
 
     summary = {
@@ -804,7 +819,12 @@ def parse_args(argv: list[str] | None = None) -> EvalArguments:
 
 
 def cli():
-    main(parse_args(sys.argv[1:]))
+    from processes import release
+
+    try:
+        main(parse_args(sys.argv[1:]))
+    finally:
+        release()
 
 
 if __name__ == "__main__":

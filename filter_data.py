@@ -28,7 +28,8 @@ each chunk is seeded by its position. The same chunks with the same seeds give t
 the price of losing at most one chunk's work on a crash. If the GPU runs out of memory the batch is
 halved, written down with the chunk, and a resumed run goes on with the halved batch. The vLLM
 backend seeds every problem on its own (`SamplingParams(seed=...)`), so chunks there only bound the
-work lost on a crash.
+work lost on a crash. Under `accelerate launch` the processes take the chunks in turn and the main
+process writes the same files one process would (processes.py).
 """
 
 import contextlib
@@ -339,38 +340,54 @@ def only_writer(samples_path: Path):
 
 
 def sample_chunks(sampler, problems, chunks: list[list[int]], pending: list[int], args: FilterArguments, samples_path: Path, finished: int):
-    """Sample, grade and append the pending chunks in order, each seeded by its position."""
+    """Sample, grade and append the pending chunks in order, each seeded by its position (under accelerate
+    launch the processes take chunks in turn and the main process appends them)."""
     from tqdm.auto import tqdm
 
+    from processes import is_main_process, shared_map
+
     chunk_size = len(chunks[0])
-    bar = tqdm(total=len(problems), initial=finished, unit="problem", desc="Sampling", smoothing=0.1)
-    for c in pending:
+
+    def sample_chunk(c: int) -> dict:
         indices = chunks[c]
         samples = sampler.sample([problems[i]["prompt"] for i in indices], indices, args.seed + c * chunk_size)
         correct = grade(samples, [problems[i]["answer"] for i in indices], args.require_think)
         truncated = [sum(s.truncated for s in group) for group in samples]
-        append_line(samples_path, {"chunk": c, "indices": indices, "batch_size": sampler.batch_size, "correct": correct, "truncated": truncated})
-        bar.update(len(indices))
+        return {"chunk": c, "indices": indices, "batch_size": sampler.batch_size, "correct": correct, "truncated": truncated}
+
+    bar = tqdm(total=len(problems), initial=finished, unit="problem", desc="Sampling", smoothing=0.1, disable=not is_main_process())
+    for c, record in zip(pending, shared_map(pending, sample_chunk)):
+        if is_main_process():
+            append_line(samples_path, record)
+        bar.update(len(chunks[c]))
     bar.close()
 
 
 def sample_and_grade(problems, model_name: str, tokenizer, args: FilterArguments, samples_path: Path) -> list[list[int]]:
     """Per problem (dataset order), the correctness of its samples; finished chunks are read back, not redone."""
     from generation import _prompt_ids
+    from processes import is_main_process, share_from_main
 
     prompt_lengths = [len(_prompt_ids(tokenizer, messages)) for messages in problems["prompt"]]
     chunk_size = max(1, args.batch_size // args.num_samples) if args.backend == "hf" else VLLM_PROBLEMS_PER_CHUNK
     chunks = plan_chunks(prompt_lengths, chunk_size)
     settings = sampling_settings(args, model_name, problems, chunk_size)
     samples_path.parent.mkdir(parents=True, exist_ok=True)
-    with only_writer(samples_path):
+    main_process = is_main_process()  # under accelerate launch only the main process reads and writes the file
+
+    def start_samples_file():
         records = read_samples_file(samples_path, settings)
         if not samples_path.exists() or samples_path.stat().st_size == 0:
             append_line(samples_path, {"version": SAMPLES_FILE_VERSION, "settings": settings})
+        return records
+
+    with only_writer(samples_path) if main_process else contextlib.nullcontext():
+        records = share_from_main(start_samples_file)
         done = {record["chunk"] for record in records}
         pending = [c for c in range(len(chunks)) if c not in done]
         finished = sum(len(chunks[c]) for c in done)
-        print(f"{len(problems)} problems x {args.num_samples} samples: {finished} already done in {samples_path}, {len(problems) - finished} to sample")
+        if main_process:
+            print(f"{len(problems)} problems x {args.num_samples} samples: {finished} already done in {samples_path}, {len(problems) - finished} to sample")
         if pending:
             if args.backend == "hf":
                 batch_size = records[-1]["batch_size"] if records else args.batch_size  # a resumed run keeps a halved batch
@@ -378,7 +395,10 @@ def sample_and_grade(problems, model_name: str, tokenizer, args: FilterArguments
             else:
                 sampler = VLLMSampler(model_name, tokenizer, args, max(prompt_lengths))
             sample_chunks(sampler, problems, chunks, pending, args, samples_path, finished)
-            records = read_samples_file(samples_path, settings)
+            if main_process:
+                records = read_samples_file(samples_path, settings)
+    if not main_process:
+        return None
 
     correct_by_problem: list[list[int] | None] = [None] * len(problems)
     truncated_samples = 0
@@ -522,9 +542,11 @@ def refresh(args: FilterArguments) -> dict:
 
 
 def main(args: FilterArguments) -> dict:
+    from processes import is_main_process
+
     check_arguments(args)
     if args.from_training_log:
-        return refresh(args)
+        return refresh(args) if is_main_process() else {}
     from generation import load_tokenizer
 
     if args.max_tokens is None:
@@ -534,6 +556,8 @@ def main(args: FilterArguments) -> dict:
     tokenizer = load_tokenizer(model_name, args.trust_remote_code)
     output = Path(args.output)
     correct = sample_and_grade(problems, model_name, tokenizer, args, companion_path(args.output, ".samples.jsonl"))
+    if not is_main_process():  # the main process gathered everything and writes the results
+        return {}
 
     n = args.num_samples
     solved = [sum(c) for c in correct]
@@ -553,7 +577,12 @@ def main(args: FilterArguments) -> dict:
 
 
 def cli():
-    return main(parse_args())
+    from processes import release
+
+    try:
+        return main(parse_args())
+    finally:
+        release()
 
 
 if __name__ == "__main__":

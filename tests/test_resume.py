@@ -2,11 +2,11 @@
 
 The end-to-end tests compare interrupted and resumed runs with one uninterrupted reference run (same seed):
 the log of every step (loss, grad norm, rewards, stage, repair counts), the per-prompt ledger, the whole-run
-repair counts and the held-out accuracy after training must be equal. The runs are tiny: 4 toy problems,
-2 per generation round, `steps_per_generation` 2 (so checkpoints fall inside generation rounds), 4 steps per
-epoch (so resumed runs start in later epochs), a stage switch at step 4 and a checkpoint after every step.
-The reward is a fixed function of the completion's text (about one rollout in four is "right", whatever the
-toy model learns), so groups are mixed, all-failed and rescued in every run, on any toy world.
+repair counts and the held-out accuracy after training must be equal. The runs are the demo recipe scaled
+down to seconds: 4 toy problems, 2 per generation round, `steps_per_generation` 2 (so checkpoints fall
+inside generation rounds), 4 steps per epoch (so resumed runs start in later epochs), a stage switch at
+step 4 and a checkpoint after every step. The reward is scripted (`scripted_reward`), so groups are mixed,
+all-failed, substituted and rescued in every run, on any toy world.
 """
 
 import hashlib
@@ -42,10 +42,20 @@ from data import UserError
 MAX_STEPS = 10
 
 
-def text_hash_reward(completions, **kwargs):
-    """1.0 for about one completion in four, decided by a hash of its text."""
-    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-    return [1.0 if hashlib.sha1(text.encode()).digest()[0] % 4 == 0 else 0.0 for text in texts]
+def scripted_reward(completions, forgotten, trainer_state=None, **kwargs):
+    """A fixed function of the text, the row and the step, whatever the toy model writes. The `forgotten`
+    problem is solved by every other rollout in the first stage (steps 0-3) and by none in the second, so
+    its groups there are rescued with the completion the ledger kept; the other problems are solved by the
+    rollouts whose text has an even hash."""
+    second_stage = trainer_state is not None and trainer_state.global_step >= 4
+    rewards = []
+    for row, (completion, forget) in enumerate(zip(completions, forgotten, strict=True)):
+        text = completion[0]["content"] if isinstance(completion, list) else completion
+        if forget:
+            rewards.append(0.0 if second_stage else float(row % 2))
+        else:
+            rewards.append(1.0 if hashlib.sha1(text.encode()).digest()[0] % 2 == 0 else 0.0)
+    return rewards
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,19 +182,21 @@ def test_resume_command_repeats_the_arguments():
 
 @pytest.fixture(scope="module")
 def problems(toy_world, tmp_path_factory) -> Path:
+    rows = [json.loads(line) for line in (toy_world / "train.jsonl").read_text().splitlines()[:4]]
     path = tmp_path_factory.mktemp("resume_data") / "train.jsonl"
-    path.write_text("".join((toy_world / "train.jsonl").read_text().splitlines(keepends=True)[:4]))
+    path.write_text("".join(json.dumps({**row, "forgotten": i == 0}) + "\n" for i, row in enumerate(rows)))
     return path
 
 
 def training_args(toy_world, problems, output_dir, *extra, per_device_train_batch_size=4) -> list[str]:
+    """The demo recipe (toy model, held-out toy problems), scaled down to seconds."""
     return [
-        "--model_name_or_path", str(toy_world / "model"), "--dataset_name", str(problems),
-        "--eval_dataset_name", str(toy_world / "test.jsonl"), "--eval_num_samples", "1", "--eval_max_problems", "8",
-        "--output_dir", str(output_dir), "--reward_funcs", "test_resume.text_hash_reward", "--seed", "0",
-        "--max_steps", str(MAX_STEPS), "--per_device_train_batch_size", str(per_device_train_batch_size),
-        "--steps_per_generation", "2", "--num_generations", "4", "--stages", "0:1.0:24,4:1.2:20",
-        "--learning_rate", "1e-3", "--logging_steps", "1", "--save_steps", "1", "--report_to", "none", *extra,
+        "--config", str(ROOT / "recipes" / "demo.yaml"), "--toy_dir", str(toy_world), "--dataset_name", str(problems),
+        "--eval_num_samples", "1", "--eval_max_problems", "8", "--output_dir", str(output_dir),
+        "--reward_funcs", "test_resume.scripted_reward", "--seed", "0", "--max_steps", str(MAX_STEPS),
+        "--per_device_train_batch_size", str(per_device_train_batch_size), "--gradient_accumulation_steps", "1",
+        "--steps_per_generation", "2", "--num_generations", "4", "--stages", "0:1.0:24,4:1.2:20", "--learning_rate", "1e-3",
+        "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "0", "--report_to", "none", *extra,
     ]  # fmt: skip
 
 
@@ -328,3 +340,65 @@ def test_checkpoint_cut_short_is_skipped_with_a_warning(toy_world, problems, ref
     assert len(warnings) == 1 and str(cut) in warnings[0] and "incomplete" in warnings[0]
     assert f"Resuming from {output_dir / 'checkpoint-5'} (step 5)" in result.stdout
     assert_same_run(outcome(output_dir), ran)
+
+
+# ----------------------------------------------------------------------------------------------
+# Two processes (accelerate launch on CPU)
+# ----------------------------------------------------------------------------------------------
+
+
+def worker_pids(launcher_pid: int) -> dict[int, int]:
+    """local rank -> pid of the processes `accelerate launch` started."""
+    workers = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        ranks = [item.split(b"=", 1)[1] for item in environ if item.startswith(b"LOCAL_RANK=")]
+        if parent == launcher_pid and ranks:
+            workers[int(ranks[0])] = int(entry.name)
+    return workers
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the launched processes in /proc")
+def test_two_processes_stop_at_the_same_step_when_one_gets_sigterm_and_resume(toy_world, problems, reference, tmp_path):
+    """The 8-row generation batch of the reference is split over 2 processes: the same prompts in the same order."""
+    from test_multiprocess import launch_two_processes
+
+    output_dir = tmp_path / "run"
+    args = training_args(toy_world, problems, output_dir, per_device_train_batch_size=2)
+    log = tmp_path / "two.log"
+    launcher = start_training([*launch_two_processes(), str(ROOT / "train_grpo.py"), *args], log)
+    try:
+        wait_for((output_dir / "checkpoint-1" / COMPLETE_MARKER).exists, launcher, log)
+        workers = worker_pids(launcher.pid)
+        assert sorted(workers) == [0, 1]
+        os.kill(workers[1], signal.SIGTERM)  # only one process gets it: both must stop after the same step
+        launcher.wait(timeout=300)
+    finally:
+        launcher.kill()
+    output = log.read_text()
+    lines = [line for line in output.splitlines() if line.startswith("interrupted at step")]
+    assert len(lines) == 1 and "(SIGTERM)" in lines[0] and "resume with: accelerate launch --num_processes 2 " in lines[0], output[-3000:]
+    assert "exitcode  : 143" in output
+    step = int(lines[0].split()[3])
+    checkpoint = output_dir / f"checkpoint-{step}"
+    assert (checkpoint / COMPLETE_MARKER).exists() and (checkpoint / "rng_state_0.pth").exists() and (checkpoint / "rng_state_1.pth").exists()
+    assert json.loads((checkpoint / RECIPE_STATE_FILE).read_text())["num_processes"] == 2
+    assert not (output_dir / f"checkpoint-{step + 1}").exists()
+
+    resumed_log = tmp_path / "resumed.log"
+    resumed = start_training([*launch_two_processes(), str(ROOT / "train_grpo.py"), *args, "--resume_from_checkpoint", "true"], resumed_log)
+    assert resumed.wait(timeout=600) == 0, resumed_log.read_text()[-3000:]
+    ran, one_process = outcome(output_dir), reference[1]
+    assert ran["global_step"] == MAX_STEPS and sorted(ran["steps"]) == list(range(1, MAX_STEPS + 1))
+    # where one process is expected to agree: the prompts, their order and counts, the measurement before training
+    assert list(ran["ledger"]["prompts"]) == list(one_process["ledger"]["prompts"])
+    assert [e["seen"] for e in ran["ledger"]["prompts"].values()] == [e["seen"] for e in one_process["ledger"]["prompts"].values()]
+    assert ran["accuracy_before"] == one_process["accuracy_before"]
+    assert ran["batch_repair"]["batches"] == one_process["batch_repair"]["batches"]
