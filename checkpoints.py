@@ -34,6 +34,7 @@ flags are gathered after each step), so a signal that reaches only one of them s
 
 import json
 import os
+import pickle
 import shlex
 import shutil
 import signal
@@ -43,6 +44,7 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
 from trl.trainer.utils import RepeatSampler
 
 from data import UserError
@@ -382,7 +384,10 @@ class CheckpointMixin:
             return
         device = self.accelerator.device
         location = "cpu" if device.type == "cpu" else device  # torch.load cannot map to "cpu:0", the device of CPU processes
-        self._buffered_inputs = torch.load(buffer, map_location=location, weights_only=True)
+        try:
+            self._buffered_inputs = torch.load(buffer, map_location=location, weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError) as error:
+            print_warning(f"could not read {buffer} ({str(error).splitlines()[0]}): the rest of its generation round is sampled again")
 
     # -- transformers' hooks --
 
@@ -409,6 +414,8 @@ class CheckpointMixin:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
+        if self.args.should_save and (checkpoint / TRAINING_ARGS_NAME).is_file():
+            torch.save(self.args, checkpoint / TRAINING_ARGS_NAME)  # the arguments as given, limit included
         self._save_recipe_state(checkpoint)
         self.accelerator.wait_for_everyone()  # every process has written its part
         if self.args.should_save:
