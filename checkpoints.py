@@ -202,6 +202,7 @@ def rotate_checkpoints(output_dir, save_total_limit: int | None, keep=()) -> lis
             break
         if path.resolve() in keep:
             continue
+        unmark(path)  # first: a kill in the middle of the deletion must not leave a "complete" remainder
         shutil.rmtree(path, ignore_errors=True)
         deleted.append(path)
         remaining -= 1
