@@ -26,7 +26,7 @@ from pathlib import Path
 from data import DEFAULT_PROMPT_SUFFIX, build_messages
 
 
-TOY_RECIPE_VERSION = 1  # bump when the generator or the warm start changes meaning
+TOY_RECIPE_VERSION = 2  # bump when the generator or the warm start changes meaning
 
 
 @dataclass
@@ -38,6 +38,13 @@ class ToyArguments:
     num_train: int = field(default=2000, metadata={"help": "Number of toy RL training problems."})
     num_test: int = field(default=200, metadata={"help": "Number of held-out toy problems."})
     warmup_steps: int = field(default=800, metadata={"help": "Supervised warm-start steps."})
+    sloppy_fraction: float = field(
+        default=0.3,
+        metadata={
+            "help": "Fraction of warm-start demonstrations that end sloppily (answer left unboxed, or miscopied "
+            "from the last step), habits of imperfect SFT data that RL can unlearn."
+        },
+    )
     force: bool = field(default=False, metadata={"help": "Rebuild even when a matching build exists."})
 
 
@@ -47,9 +54,10 @@ class ToyArguments:
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Kept as single tokens but not "special", so they survive `skip_special_tokens=True` decoding.
-# The instruction suffix is one token too, as a real tokenizer compresses common text: it keeps toy
-# sequences short, so the warm start and the demo fit in minutes on a CPU.
-WORD_TOKENS = ["<think>", "</think>", DEFAULT_PROMPT_SUFFIX]
+# The instruction suffix, the role names, "What is " and "\\boxed{" are one token each too, as a real
+# tokenizer compresses common text: it keeps toy sequences short (about 40 tokens for a problem and its
+# solution), so the warm start and the demo fit in minutes on a CPU.
+WORD_TOKENS = ["<think>", "</think>", DEFAULT_PROMPT_SUFFIX, "user", "assistant", "What is ", "\\boxed{"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -137,6 +145,34 @@ def make_problem(rng: random.Random, level: int) -> dict:
     }
 
 
+def sloppy_solution(rng: random.Random, problem: dict) -> str:
+    """The worked solution with a careless ending: the answer unboxed, or boxed but miscopied.
+
+    Real SFT data is imperfect and an SFT model copies its habits; these two cost reward without
+    being arithmetic errors, so RL can remove them within a few dozen steps on a CPU.
+    """
+    thinking = problem["solution"].split("</think>")[0] + "</think>\n"
+    value = int(problem["answer"])
+    if rng.random() < 0.5:
+        return thinking + f"The answer is {value}."
+    return thinking + "\\boxed{" + str(value + rng.choice([-10, -1, 1, 10])) + "}"
+
+
+def make_demonstrations(num: int, seed: int, sloppy_fraction: float) -> list[dict]:
+    """Warm-start problems; a `sloppy_fraction` of them carry a sloppy solution.
+
+    Sloppiness grows with difficulty (none on the easiest level, twice the average on the hardest), so
+    easy problems can still be solved 8 times out of 8 while the model is careless on harder ones.
+    """
+    rng = random.Random(f"{seed}-sloppy")
+    level_index = {name: i for i, (name, *_) in enumerate(LEVELS)}
+    problems = make_problems(num, seed, "warmstart")
+    for problem in problems:
+        if rng.random() < sloppy_fraction * 2 * level_index[problem["level"]] / (len(LEVELS) - 1):
+            problem["solution"] = sloppy_solution(rng, problem)
+    return problems
+
+
 def make_problems(num: int, seed: int, salt: str) -> list[dict]:
     """`num` problems spread evenly over the levels, reproducible from (seed, salt)."""
     rng = random.Random(f"{seed}-{salt}")
@@ -181,6 +217,23 @@ def _encode_example(tokenizer, problem: dict) -> tuple[list[int], list[int]]:
     return prompt_ids + completion_ids, [-100] * len(prompt_ids) + completion_ids
 
 
+def _length_grouped_batches(tokenizer, problems: list[dict], steps: int, batch_size: int, generator, pool: int = 2):
+    """Random batches of similar-length sequences (as transformers' `group_by_length`): less padding.
+
+    Every `pool` steps, `pool * batch_size` random examples are sorted by length, cut into batches, and
+    the batches are shuffled.
+    """
+    import torch
+
+    for start in range(0, steps, pool):
+        count = min(pool, steps - start)
+        indices = torch.randint(len(problems), (count * batch_size,), generator=generator).tolist()
+        examples = sorted((_encode_example(tokenizer, problems[i]) for i in indices), key=lambda e: len(e[0]))
+        batches = [examples[b * batch_size : (b + 1) * batch_size] for b in range(count)]
+        for b in torch.randperm(count, generator=generator).tolist():
+            yield batches[b]
+
+
 def warm_start(model, tokenizer, problems: list[dict], steps: int, seed: int, batch_size: int = 32):
     """Supervised steps on worked solutions; few enough that the harder levels stay unreliable."""
     import torch
@@ -192,10 +245,9 @@ def warm_start(model, tokenizer, problems: list[dict], steps: int, seed: int, ba
         optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
     model.train()
-    progress = tqdm(range(steps), desc="Toy warm start", unit="step", mininterval=1.0)
-    for _ in progress:
-        indices = torch.randint(len(problems), (batch_size,), generator=generator).tolist()
-        batch = [_encode_example(tokenizer, problems[i]) for i in indices]
+    batches = _length_grouped_batches(tokenizer, problems, steps, batch_size, generator)
+    progress = tqdm(batches, total=steps, desc="Toy warm start", unit="step", mininterval=1.0)
+    for batch in progress:
         length = max(len(ids) for ids, _ in batch)
         input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (length - len(ids)) for ids, _ in batch])
         labels = torch.tensor([lab + [-100] * (length - len(lab)) for _, lab in batch])
@@ -260,7 +312,7 @@ def _build(args: ToyArguments, output_dir: Path, expected_hash: str):
     torch.manual_seed(args.seed)
     train = make_problems(args.num_train, args.seed, "train")
     test = make_problems(args.num_test, args.seed, "test")
-    warm = make_problems(32 * args.warmup_steps, args.seed, "warmstart")
+    warm = make_demonstrations(32 * args.warmup_steps, args.seed, args.sloppy_fraction)
 
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, args.seed)

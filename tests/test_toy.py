@@ -1,0 +1,100 @@
+"""The toy world: deterministic from its seed, cached by recipe, and partly able as a warm-started model."""
+
+import collections
+import json
+
+import pytest
+
+import toy
+
+
+def test_tokenizer_round_trips_text_and_keeps_word_tokens_whole():
+    tokenizer = toy.build_tokenizer()
+    text = "<think>12*4=48\n12*30=360</think>\n\\boxed{408}"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    assert tokens[0] == "<think>" and "</think>" in tokens and "\\boxed{" in tokens
+    assert tokens[1:3] == ["1", "2"]  # digits stay single characters
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_problems_are_reproducible_from_the_seed_and_answers_are_right():
+    first = toy.make_problems(200, seed=3, salt="train")
+    assert first == toy.make_problems(200, seed=3, salt="train")
+    assert first != toy.make_problems(200, seed=4, salt="train")
+    assert collections.Counter(p["level"] for p in first) == {name: 20 for name, *_ in toy.LEVELS}
+    for problem in first:
+        expression = problem["problem"].removeprefix("What is ").removesuffix("?")
+        assert int(problem["answer"]) == eval(expression)  # left to right equals Python's order here
+        assert problem["solution"].endswith("\\boxed{" + problem["answer"] + "}")
+
+
+def test_a_fraction_of_demonstrations_end_sloppily_more_on_harder_levels():
+    demonstrations = toy.make_demonstrations(4000, seed=0, sloppy_fraction=0.3)
+    sloppy = collections.Counter()
+    unboxed = []
+    for d in demonstrations:
+        if not d["solution"].endswith("\\boxed{" + d["answer"] + "}"):
+            sloppy[d["level"]] += 1
+        if "\\boxed{" not in d["solution"]:
+            unboxed.append(d)
+    assert 0.25 < sum(sloppy.values()) / len(demonstrations) < 0.35
+    easiest, hardest = toy.LEVELS[0][0], toy.LEVELS[-1][0]
+    assert sloppy[easiest] == 0 and sloppy[hardest] == max(sloppy.values())
+    assert 0 < len(unboxed) < sum(sloppy.values())  # both kinds: unboxed and miscopied
+    # The worked steps stay right: the last step's result is the answer.
+    for d in unboxed:
+        assert d["solution"].split("</think>")[0].endswith("=" + d["answer"])
+    assert toy.make_demonstrations(50, seed=0, sloppy_fraction=0.0) == toy.make_problems(50, seed=0, salt="warmstart")
+
+
+def test_recipe_hash_tracks_the_recipe_but_not_the_location():
+    base = toy.ToyArguments(output_dir="a")
+    assert toy.recipe_hash(base) == toy.recipe_hash(toy.ToyArguments(output_dir="b", force=True))
+    assert toy.recipe_hash(base) != toy.recipe_hash(toy.ToyArguments(seed=1))
+    assert toy.recipe_hash(base) != toy.recipe_hash(toy.ToyArguments(sloppy_fraction=0.1))
+
+
+def test_build_is_deterministic_and_cached(tmp_path):
+    from safetensors.torch import load_file
+
+    def build(directory):
+        args = toy.ToyArguments(output_dir=str(directory), num_train=20, num_test=10, warmup_steps=3)
+        return toy.build_toy_world(args)
+
+    first, second = build(tmp_path / "one"), build(tmp_path / "two")
+    weights_one = load_file(first / "model" / "model.safetensors")
+    weights_two = load_file(second / "model" / "model.safetensors")
+    assert weights_one.keys() == weights_two.keys()
+    assert all((weights_one[k] == weights_two[k]).all() for k in weights_one)
+    assert (first / "train.jsonl").read_text() == (second / "train.jsonl").read_text()
+    recipe = json.loads((first / "recipe.json").read_text())
+    (first / "model" / "model.safetensors").unlink()
+    build(tmp_path / "one")  # same recipe: reused as it is, not rebuilt
+    assert not (first / "model" / "model.safetensors").exists()
+    assert json.loads((first / "recipe.json").read_text()) == recipe
+
+
+@pytest.mark.slow
+def test_warm_started_model_is_partly_able(toy_world):
+    """Sampled accuracy between 20% and 60%, outputs shaped like a reasoning model's, all pass rates."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data import load_problems
+    from generation import sample_completions
+    from rewards import verify
+
+    tokenizer = AutoTokenizer.from_pretrained(toy_world / "model")
+    model = AutoModelForCausalLM.from_pretrained(toy_world / "model")
+    problems = load_problems(str(toy_world / "test.jsonl"))
+    samples = sample_completions(model, tokenizer, problems["prompt"], num_samples=8, temperature=1.0, max_new_tokens=48, seed=0, progress=False)
+    passes = [sum(verify(s.text, answer) for s in group) for group, answer in zip(samples, problems["answer"])]
+    accuracy = sum(passes) / (8 * len(passes))
+    assert 0.2 < accuracy < 0.6, accuracy
+    counts = collections.Counter(passes)
+    assert counts[0] and counts[8] >= 5 and len(counts) >= 8, counts  # easy, hard and in between
+    texts = [s.text for group in samples for s in group]
+    assert sum(t.startswith("<think>") and "</think>" in t for t in texts) > 0.9 * len(texts)
