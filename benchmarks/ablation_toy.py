@@ -1,16 +1,16 @@
 """Ablation on the toy world: TRL's own GRPO against the POLARIS recipe, same model, data, seed and steps.
 
-    python benchmarks/ablation_toy.py                           # seeds 0 1 2, 30 steps each arm
+    python benchmarks/ablation_toy.py                           # seeds 0 1 2, the demo's 40 steps per arm
     python benchmarks/ablation_toy.py --seeds 0 --max_steps 20  # quicker
-    python benchmarks/ablation_toy.py --learning_rate 1e-4      # other flags go to train_grpo.py
-    python benchmarks/ablation_toy.py --arms vanilla polaris polaris_dynamic
+    python benchmarks/ablation_toy.py --learning_rate 2e-4      # other flags go to train_grpo.py
+    python benchmarks/ablation_toy.py --arms vanilla polaris
 
 Every arm starts from the demo recipe (recipes/demo.yaml) and runs `train_grpo.main`:
 
 - vanilla: `trl.GRPOTrainer`, at the first stage's temperature and length, nothing repaired;
 - polaris: `PolarisGRPOTrainer` with rollout rescue, informative substitution and the recipe's stage
   schedule;
-- polaris_dynamic (optional): polaris plus `--dynamic_sampling` (fresh prompts for batches with too few
+- polaris_dynamic: polaris plus `--dynamic_sampling` (fresh prompts for batches with too few
   informative groups).
 
 For each it reports held-out accuracy (avg@k, sampled) before and after training and the informative
@@ -43,8 +43,8 @@ ARMS = {
 @dataclass
 class AblationArguments:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One run of every arm per seed."})
-    arms: list[str] = field(default_factory=lambda: ["vanilla", "polaris"], metadata={"help": f"Among {', '.join(ARMS)}."})
-    max_steps: int = field(default=30, metadata={"help": "Training steps of every run."})
+    arms: list[str] = field(default_factory=lambda: list(ARMS), metadata={"help": f"Among {', '.join(ARMS)}."})
+    max_steps: int | None = field(default=None, metadata={"help": "Training steps of every run (default: the recipe's)."})
     eval_max_problems: int = field(default=200, metadata={"help": "Held-out toy problems measured before and after."})
     eval_num_samples: int = field(default=4, metadata={"help": "Samples per held-out problem (avg@k)."})
     recipe: str = field(default=str(REPO_ROOT / "recipes" / "demo.yaml"), metadata={"help": "Recipe both arms start from."})
@@ -57,11 +57,13 @@ def training_arguments(args: AblationArguments, arm: str, seed: int, extra: list
     from train_grpo import parse_args
 
     cli = [
-        "--config", args.recipe, "--seed", str(seed), "--max_steps", str(args.max_steps),
+        "--config", args.recipe, "--seed", str(seed),
         "--output_dir", str(Path(args.output_dir) / f"{arm}-seed{seed}"), "--toy_dir", args.toy_dir,
         "--eval_max_problems", str(args.eval_max_problems), "--eval_num_samples", str(args.eval_num_samples),
         "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
     ]
+    if args.max_steps is not None:
+        cli += ["--max_steps", str(args.max_steps)]
     script_args, training_args, model_args = parse_args(cli + extra + ARMS[arm])
     if arm == "vanilla":
         training_args.stages = None  # stays at the first stage's temperature and length (set by the config)
