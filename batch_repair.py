@@ -163,6 +163,22 @@ def plan_batch(
     return plan
 
 
+def rescued_row_ratios(ratio_sums: torch.Tensor, token_counts: torch.Tensor, rescued_rows: list[int], num_generations: int) -> dict[int, float]:
+    """row -> importance-sampling ratio for every rescued row: the mean ratio of its group's sampled rows
+    (per token: `ratio_sums` / `token_counts` over the group; per sequence: counts of 1). A rescued completion
+    was not sampled by this policy, so it has no ratio of its own (TRL would give it 1, full weight, while
+    its group-mates are down-weighted); it gets the weight its group was given. A group of rescued rows only
+    keeps 1."""
+    rescued = set(rescued_rows)
+    values = {}
+    for row in rescued_rows:
+        group = row // num_generations
+        mates = [r for r in range(group * num_generations, (group + 1) * num_generations) if r not in rescued]
+        count = float(sum(token_counts[r] for r in mates))
+        values[row] = float(sum(ratio_sums[r] for r in mates)) / count if count > 0 else 1.0
+    return values
+
+
 def row_sources(group_sources: list[int], num_generations: int) -> torch.Tensor:
     """Pool row for every row of the repaired batch: whole groups are copied, row by row."""
     return torch.tensor([source * num_generations + j for source in group_sources for j in range(num_generations)])
@@ -329,6 +345,9 @@ class ScoredBatch:
     solve_none: int
     solve_all: int
     rescued: int
+    rewards: torch.Tensor  # (num_rows,) weighted reward of every row, all processes, after rescue
+    rewards_before: torch.Tensor  # (num_rows,) the same before rescue
+    lengths: torch.Tensor  # (num_rows,) completion tokens of every row, all processes, after rescue
 
 
 class BatchRepairMixin:
@@ -353,6 +372,7 @@ class BatchRepairMixin:
         self._rescued_rewards = None  # gathered rewards_per_func after rescue, handed to TRL's scoring
         self._batch_rewards = None  # gathered rewards_per_func TRL used for the advantages
         self._num_rescued = 0
+        self._rescued_rows = []  # gathered row indices of the rescued rollouts
         self._check_repair_supported()
 
     # -- settings --
@@ -403,7 +423,7 @@ class BatchRepairMixin:
             correct_rows(rewards), self._group_prompt_ids, self.num_generations,
             lambda pid: self.ledger.kept_completion(pid) is not None,
         )
-        self._num_rescued = len(rows)
+        self._num_rescued, self._rescued_rows = len(rows), rows
         if rows:
             completion_ids, completions, logprobs = list(completion_ids), list(completions), logprobs
             local_rows, offset = len(prompts), self.accelerator.process_index * len(prompts)
@@ -463,22 +483,44 @@ class BatchRepairMixin:
         num_generations = self.num_generations
         self._generation_inputs = inputs
         self._group_prompt_ids = gather_object_list([row_prompt_id(row) for row in inputs])[::num_generations]
-        self._rewards_before_rescue, self._rescued_rewards, self._num_rescued = None, None, 0
+        self._rewards_before_rescue, self._rescued_rewards, self._num_rescued, self._rescued_rows = None, None, 0, []
         output = super()._generate_and_score_completions(inputs)
+        if self._rescued_rows and output.get("importance_sampling_ratio") is not None:
+            self._align_rescued_ratios(output)
 
         before = self._rewards_before_rescue if self._rewards_before_rescue is not None else self._batch_rewards
         weights = self.reward_weights.to(before.device)
         correct = correct_rows(before)
         solved = grouped(correct, num_generations).sum(dim=1)
         self._record_in_ledger(before, correct, len(inputs))
+        rewards_before, rewards = (weighted_rewards(r, weights) for r in (before, self._batch_rewards))
+        lengths = torch.tensor([len(ids) for ids in self._generated_completion_ids], device=self.accelerator.device)
         return ScoredBatch(
             output=output,
-            informative_before=informative_groups((before * weights).nansum(dim=1), num_generations).cpu(),
-            informative=informative_groups((self._batch_rewards * weights).nansum(dim=1), num_generations).cpu(),
+            informative_before=informative_groups(rewards_before, num_generations).cpu(),
+            informative=informative_groups(rewards, num_generations).cpu(),
             solve_none=int((solved == 0).sum()),
             solve_all=int((solved == num_generations).sum()),
             rescued=self._num_rescued,
+            rewards=rewards.cpu(),
+            rewards_before=rewards_before.cpu(),
+            lengths=self.accelerator.gather(lengths).cpu(),
         )
+
+    def _align_rescued_ratios(self, output: dict) -> None:
+        """Rescued rows take their group's mean importance-sampling ratio (see `rescued_row_ratios`)."""
+        ratio = output["importance_sampling_ratio"]
+        mask = output["completion_mask"] if output.get("tool_mask") is None else output["completion_mask"] * output["tool_mask"]
+        if ratio.shape[1] == 1:  # one ratio per sequence
+            sums, counts = ratio[:, 0], torch.ones_like(ratio[:, 0])
+        else:
+            sums, counts = (ratio * mask).sum(dim=1), mask.sum(dim=1).to(ratio.dtype)
+        sums, counts = self.accelerator.gather(sums).cpu(), self.accelerator.gather(counts).cpu()
+        values = rescued_row_ratios(sums, counts, self._rescued_rows, self.num_generations)
+        offset, local_rows = self.accelerator.process_index * ratio.shape[0], ratio.shape[0]
+        for row, value in values.items():
+            if offset <= row < offset + local_rows:
+                ratio[row - offset] = value
 
     def _record_in_ledger(self, rewards, correct, local_rows):
         """Every process records the same groups (gathered rewards), so all ledgers stay identical."""
@@ -500,7 +542,8 @@ class BatchRepairMixin:
         """A new generation batch of random training prompts (dynamic sampling), the same on every process."""
         num_generations, num_processes = self.num_generations, self.accelerator.num_processes
         num_groups = local_rows * num_processes // num_generations
-        rng = random.Random(f"{self.args.seed}-fresh-{self.state.global_step}-{attempt}")
+        # Seeded by the generation round (TRL's micro-step counter, restored on resume), not only the step.
+        rng = random.Random(f"{self.args.seed}-fresh-{self.state.global_step}-{self._step}-{attempt}")
         size = len(self.train_dataset)
         picks = rng.sample(range(size), num_groups) if num_groups <= size else rng.choices(range(size), k=num_groups)
         rows = [index for index in picks for _ in range(num_generations)]
@@ -527,10 +570,11 @@ class BatchRepairMixin:
                 batches.append(extra)
             extra_seconds = time.perf_counter() - start
 
-        rng = random.Random(f"{self.args.seed}-substitution-{self.state.global_step}")
+        rng = random.Random(f"{self.args.seed}-substitution-{self.state.global_step}-{self._step}")
         plan = plan_batch(first.informative.tolist(), min_fraction, rng, substitute, fresh)
         output = self._assemble_batch(batches, plan) if plan.changes_rows else first.output
         self._log_repair(first, plan, num_groups, extra_batches=len(batches) - 1, extra_seconds=extra_seconds)
+        self._log_trained(batches, plan, num_groups)
         return output
 
     def _assemble_batch(self, batches: list[ScoredBatch], plan: RepairPlan) -> dict:
@@ -574,6 +618,22 @@ class BatchRepairMixin:
             extra_generation_batches=extra_batches,
         )
         self.repair_totals["extra_generation_seconds"] += extra_seconds
+
+    def _log_trained(self, batches: list[ScoredBatch], plan: RepairPlan, num_groups: int):
+        """What the step trains on, after rescue, substitution and dynamic sampling, beside TRL's `reward`,
+        `frac_reward_zero_std` and `completions/*`, which describe the generation batch before the repair."""
+        rows = row_sources(plan.group_sources, self.num_generations)
+        rewards = torch.cat([batch.rewards for batch in batches])[rows]
+        lengths = torch.cat([batch.lengths for batch in batches])[rows].float()
+        metrics = {
+            "sampled/reward": torch.nanmean(batches[0].rewards_before).item(),  # the model's own rollouts
+            "trained/reward": torch.nanmean(rewards).item(),
+            "trained/frac_reward_zero_std": 1.0 - plan.informative_after / num_groups,
+            "trained/completions/mean_length": lengths.mean().item(),
+            "trained/completions/max_length": lengths.max().item(),
+        }
+        for name, value in metrics.items():
+            self._metrics["train"][name].append(float(value))
 
     def repair_summary(self) -> dict:
         """Whole-run counts, with the informative fraction of generated and of trained groups."""
@@ -625,6 +685,12 @@ class BatchRepairMixin:
         if parent:
             parent(state)
         self.repair_totals = Counter(state.get("repair_totals") or {})
+
+
+def weighted_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(num_rows,) the weighted sum TRL's advantages start from; NaN where no function scored the row."""
+    total = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+    return total.masked_fill(torch.isnan(rewards_per_func).all(dim=1), float("nan"))
 
 
 def gather_object_list(values: list) -> list:

@@ -204,10 +204,12 @@ class RunSetup:
     """The settings the memory of one GPU depends on (`setup_from_args` reads them from the arguments)."""
 
     micro_batch: int  # sequences per forward/backward pass: per_device_train_batch_size
-    generation_batch: int  # sequences sampled together: per_device_train_batch_size x steps_per_generation
+    generation_batch: int  # sequences sampled together: generation_chunk_size (default: the step's rollouts)
     max_prompt_length: int
     stages: list[tuple[int, float | None, int]]  # (from step, temperature, max_completion_length)
     num_generations: int = 8  # rollouts per prompt: the smallest generation batch TRL allows on one GPU
+    step_rollouts: int = 0  # rollouts one process holds for the optimizer step (scored, repaired, trained)
+    old_logps: bool = False  # the held rollouts carry per-token old log-probs (vLLM correction, reuse)
     weight_bytes: int = 2  # precision of the weights that are not quantized (bf16 / fp16: 2, fp32: 4)
     autocast: bool = False  # fp32 weights computed in bf16 / fp16 (mixed precision)
     quantization: str | None = None  # "4bit" or "8bit" (bitsandbytes)
@@ -249,6 +251,13 @@ class RunSetup:
         return max(length for _, _, length in self.stages)
 
 
+def step_rollouts(training_args, chunked: bool = False) -> int:
+    """Rollouts one process holds per generation batch, or samples in one call (`chunked`)."""
+    held = training_args.per_device_train_batch_size * training_args.steps_per_generation
+    chunk = getattr(training_args, "generation_chunk_size", None)
+    return min(held, chunk) if chunked and chunk and not training_args.use_vllm else held
+
+
 def setup_from_args(script_args, training_args, model_args) -> RunSetup:
     """Read a `RunSetup` from train_grpo's three argument dataclasses.
 
@@ -268,7 +277,10 @@ def setup_from_args(script_args, training_args, model_args) -> RunSetup:
     optimizer = getattr(training_args.optim, "value", training_args.optim)
     return RunSetup(
         micro_batch=training_args.per_device_train_batch_size,
-        generation_batch=training_args.per_device_train_batch_size * training_args.steps_per_generation,
+        generation_batch=step_rollouts(training_args, chunked=True),
+        step_rollouts=step_rollouts(training_args),
+        old_logps=bool(training_args.use_vllm and training_args.vllm_importance_sampling_correction)
+        or training_args.num_iterations > 1,
         max_prompt_length=int(script_args.max_prompt_length or 1024),
         stages=stages,
         num_generations=training_args.num_generations,
@@ -484,6 +496,13 @@ def estimate(shape: ModelShape, setup: RunSetup, completion_length: int, gpu_mem
         generation_work = max(prefill, decode)
     generation = persistent + kv_cache + generation_work
 
+    # The step's rollouts stay on the GPU from sampling to the last micro-batch, twice while repair copies
+    # them: int64 prompt and completion ids and masks, fp32 advantages and, when kept, fp32 old log-probs.
+    rows = setup.step_rollouts
+    held = 2 * rows * (length * (8 + 8) + 4 + (completion_length * FP32 if setup.old_logps else 0))
+    training += held
+    generation += held
+
     vllm_share = 0.0
     if setup.use_vllm and setup.vllm_mode == "colocate":
         vllm_share = setup.vllm_gpu_memory_utilization * gpu_memory if gpu_memory else None
@@ -499,6 +518,7 @@ def estimate(shape: ModelShape, setup: RunSetup, completion_length: int, gpu_mem
         "backward working set": max(head_backward, layer_backward),
         "generation KV cache": kv_cache,
         "generation working set": generation_work,
+        "step's rollouts (ids, masks, log-probs)": held,
     }
     return PhaseEstimate(completion_length, parts, training, generation, vllm_share, overhead, without_checkpointing, with_checkpointing)
 
@@ -568,9 +588,8 @@ def plan_warnings(plan: MemoryPlan) -> list[str]:
     kv = worst.parts["generation KV cache"]
     if setup.generation_batch > max(setup.micro_batch, setup.num_generations) and kv > worst.parts["activations kept for backward"]:
         warnings.append(
-            f"sampling {setup.generation_batch} sequences at once (per_device_train_batch_size x steps_per_generation) "
-            f"holds a {gib(kv)} GiB KV cache: a smaller --steps_per_generation shrinks it (down to "
-            f"num_generations / per_device_train_batch_size)"
+            f"sampling {setup.generation_batch} sequences at once holds a {gib(kv)} GiB KV cache: a smaller "
+            f"--generation_chunk_size shrinks it (down to per_device_train_batch_size)"
         )
     if setup.use_vllm and setup.vllm_mode == "colocate" and plan.gpu_memory is None:
         warnings.append("vLLM colocate mode reserves vllm_gpu_memory_utilization of the GPU: pass --gpu_memory to include it")

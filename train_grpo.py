@@ -23,6 +23,7 @@ from trl import ScriptArguments as TrlScriptArguments
 from batch_repair import BatchRepairMixin
 from checkpoints import CheckpointMixin
 from data import DEFAULT_PROMPT_SUFFIX, UserError, filter_long_prompts, load_problems, run_cli
+from step_batch import StepBatchMixin
 
 
 DEMO_RECIPE = Path(__file__).resolve().parent / "recipes" / "demo.yaml"
@@ -92,6 +93,24 @@ class PolarisConfig(GRPOConfig):
     dynamic_sampling_max_batches: int = field(
         default=3, metadata={"help": "At most this many extra generation batches per step with --dynamic_sampling."}
     )
+    # One generation batch per optimizer step, so repair and the token-mean loss see the whole step; see step_batch.py.
+    generation_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Sequences each process samples in one transformers generate call (memory). An optimizer step's "
+            "rollouts are sampled in chunks of this size, then repaired and trained on together. Default: all at once. "
+            "A --steps_per_generation below --gradient_accumulation_steps sets it to per_device_train_batch_size x "
+            "steps_per_generation. vLLM ignores it (it schedules its own memory)."
+        },
+    )
+    vllm_importance_sampling_correction: bool = field(
+        default=False,
+        metadata={
+            "help": "Reweight vLLM-sampled tokens by the trainer/vLLM probability ratio (TRL's default: on, per "
+            "sequence). Off as in POLARIS: a per-sequence ratio is a product over every token, so long completions "
+            "get tiny weights from small numeric gaps. Turned on, rescued rollouts get their group's mean ratio."
+        },
+    )
 
     def __post_init__(self):
         import torch
@@ -106,16 +125,23 @@ class PolarisConfig(GRPOConfig):
             self.use_cpu = True
         if not 0.0 <= self.min_informative_fraction < 1.0:
             raise UserError(f"--min_informative_fraction must be in [0, 1), got {self.min_informative_fraction}")
+        from step_batch import check_step_geometry, resolve_generation_chunks
+
+        note = resolve_generation_chunks(self)
         super().__post_init__()
         from schedules import resolve_stage_config
 
         resolve_stage_config(self)
+        for line in ([note] if note else []) + check_step_geometry(self):
+            if self.process_index == 0:
+                print(f"note: {line}", file=sys.stderr)
 
 
-class PolarisGRPOTrainer(CheckpointMixin, BatchRepairMixin, GRPOTrainer):
+class PolarisGRPOTrainer(CheckpointMixin, BatchRepairMixin, StepBatchMixin, GRPOTrainer):
     """`GRPOTrainer` plus the POLARIS additions (see the other modules). `CheckpointMixin` (checkpoints.py):
     complete-or-ignored checkpoints, exact resumption, a checkpoint and a clean stop on Ctrl-C / SIGTERM.
-    `BatchRepairMixin` (batch_repair.py): rollout rescue, informative substitution and the per-prompt ledger."""
+    `BatchRepairMixin` (batch_repair.py): rollout rescue, informative substitution and the per-prompt ledger.
+    `StepBatchMixin` (step_batch.py): the optimizer step's rollouts sampled in chunks and trained as one batch."""
 
     def __init__(self, *args, **kwargs):
         from schedules import attach_stage_schedule
@@ -275,6 +301,8 @@ def measure_accuracy(model, tokenizer, problems, script_args: ScriptArguments, t
 
 
 def plot_learning_curve(log_history: list[dict], path: Path):
+    """Rewards and the informative fraction per logged step: of what the model sampled and, after batch
+    repair, of what it trained on (TRL's `reward` and `frac_reward_zero_std` describe the batch before it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -283,13 +311,24 @@ def plot_learning_curve(log_history: list[dict], path: Path):
     rows = [row for row in log_history if "reward" in row]
     if not rows:
         return None
+    steps = [row["step"] for row in rows]
+
+    def series(key, transform=lambda value: value):
+        return [transform(row[key]) if row.get(key) is not None else None for row in rows]
+
     figure, axis = plt.subplots(figsize=(6, 3.5))
-    axis.plot([r["step"] for r in rows], [r["reward"] for r in rows], marker="o", label="mean reward")
-    if any("frac_reward_zero_std" in r for r in rows):
-        axis.plot([r["step"] for r in rows], [r.get("frac_reward_zero_std") for r in rows], label="zero-variance groups")
+    if any("trained/reward" in row for row in rows):
+        axis.plot(steps, series("sampled/reward"), marker="o", label="mean reward, sampled")
+        axis.plot(steps, series("trained/reward"), marker=".", label="mean reward, trained")
+        informative = series("trained/frac_reward_zero_std", lambda value: 1.0 - value)
+        axis.plot(steps, informative, label="informative groups, trained")
+    else:  # TRL's own trainer (ablations): no repair, sampled is trained
+        axis.plot(steps, series("reward"), marker="o", label="mean reward")
+        if any("frac_reward_zero_std" in row for row in rows):
+            axis.plot(steps, series("frac_reward_zero_std", lambda value: 1.0 - value), label="informative groups")
     axis.set_xlabel("step")
     axis.set_ylim(-0.02, 1.02)
-    axis.legend()
+    axis.legend(fontsize="small")
     axis.set_title("Training rewards")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
