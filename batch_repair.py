@@ -14,6 +14,9 @@ batch shrinks silently. POLARIS repairs the batch in two ways, both switchable i
   `--min_informative_fraction` of the groups are informative the batch is kept unchanged and counted;
   `--dynamic_sampling` (DAPO) first generates fresh prompts, at most `--dynamic_sampling_max_batches` times.
 
+Both decide over every group of an optimizer step: `step_batch.py` makes one generation batch per step,
+sampled in chunks of `--generation_chunk_size` sequences.
+
 A rollout counts as correct when the first reward function (accuracy, by convention) gives it at least
 `CORRECT_REWARD`. Decisions are taken on rewards gathered from all processes with a seeded `random.Random`,
 so every process takes the same ones; rows are moved between processes by padding and gathering.
