@@ -325,6 +325,21 @@ class PromptLedger:
         return cls(content["prompts"])
 
 
+def pooled_mean_rewards(group_rewards: dict[str, list]) -> dict[str, float]:
+    """prompt_id -> the mean of its groups' mean rewards (groups that could not be scored are left out)."""
+    pooled = {}
+    for pid, rewards in group_rewards.items():
+        known = [float(r) for r in rewards or [] if r is not None]
+        if known:
+            pooled[pid] = sum(known) / len(known)
+    return pooled
+
+
+def mastered_prompts(group_rewards: dict[str, list], max_mean_reward: float) -> set[str]:
+    """The prompts a stage refresh drops: pooled mean reward above `max_mean_reward` (POLARIS: 0.9)."""
+    return {pid for pid, mean in pooled_mean_rewards(group_rewards).items() if mean > max_mean_reward}
+
+
 def row_prompt_id(row: dict) -> str:
     """The row's `prompt_id` column (data.py adds it), else a hash of its prompt."""
     if row.get("prompt_id") is not None:
@@ -368,6 +383,7 @@ class BatchRepairMixin:
         super().__init__(*args, **kwargs)
         self.ledger = PromptLedger()
         self.repair_totals = Counter()  # whole-run counts (see `repair_summary`)
+        self.refreshes = []  # one record per stage refresh
         self._generation_inputs = None  # rows being generated, for the rewards rescue computes
         self._group_prompt_ids = None  # prompt id of every group of the batch, all processes
         self._generated_completion_ids = None  # this process' completion token ids, after rescue
@@ -376,6 +392,8 @@ class BatchRepairMixin:
         self._batch_rewards = None  # gathered rewards_per_func TRL used for the advantages
         self._num_rescued = 0
         self._rescued_rows = []  # gathered row indices of the rescued rollouts
+        self.dropped_prompt_ids = set()  # mastered prompts dropped by stage refreshes: never trained on again
+        self._remaining_rows = None  # dataset rows still sampled, once prompts were dropped
         self._check_repair_supported()
 
     # -- settings --
@@ -547,15 +565,73 @@ class BatchRepairMixin:
         num_groups = local_rows * num_processes // num_generations
         # Seeded by the generation round (TRL's micro-step counter, restored on resume), not only the step.
         rng = random.Random(f"{self.args.seed}-fresh-{self.state.global_step}-{self._step}-{attempt}")
-        size = len(self.train_dataset)
-        picks = rng.sample(range(size), num_groups) if num_groups <= size else rng.choices(range(size), k=num_groups)
+        picks = draw_rows(rng, self._sampled_rows(), num_groups)
         rows = [index for index in picks for _ in range(num_generations)]
         start = self.accelerator.process_index * local_rows
         return [self.train_dataset[index] for index in rows[start : start + local_rows]]
 
+    # -- stage refresh: mastered prompts are not sampled again --
+
+    def refresh_training_data(self, stage: int | None = None) -> dict:
+        """Drop the prompts the ledger shows mastered (`filter_data.py --from_training_log`'s rule, threshold
+        `--refresh_max_mean_reward`); prompts never seen stay. Later batches draw other prompts in their place."""
+        threshold = self._setting("refresh_max_mean_reward", 0.9)
+        ids = self._dataset_prompt_ids()
+        before = len(self.dropped_prompt_ids & set(ids))
+        self.dropped_prompt_ids |= mastered_prompts({pid: e["group_rewards"] for pid, e in self.ledger.prompts.items()}, threshold) & set(ids)
+        self._remaining_rows = None
+        dropped = len(self.dropped_prompt_ids & set(ids))
+        counts = {
+            "stage": stage, "step": self.state.global_step, "dropped": dropped - before, "dropped_in_all": dropped,
+            "never_seen": sum(pid not in self.ledger.prompts for pid in set(ids)), "remaining": len(self._sampled_rows()),
+        }
+        self.refreshes.append(counts)
+        if self.accelerator.is_main_process:
+            print(
+                f"Refresh at step {counts['step']}: dropped {counts['dropped']} prompts with mean reward above {threshold:g} "
+                f"({dropped} of {len(set(ids))} in all); sampling from the {counts['remaining']} left "
+                f"({counts['never_seen']} never seen)", flush=True,
+            )
+        return counts
+
+    def _dataset_prompt_ids(self) -> list[str]:
+        dataset = self.train_dataset
+        if "prompt_id" in getattr(dataset, "column_names", []):
+            return [str(pid) for pid in dataset["prompt_id"]]
+        return [row_prompt_id(row) for row in dataset]
+
+    def _sampled_rows(self) -> list[int]:
+        """Dataset rows still trained on (all of them until a refresh drops some)."""
+        if not self.dropped_prompt_ids:
+            return list(range(len(self.train_dataset)))
+        if self._remaining_rows is None:
+            self._remaining_rows = [i for i, pid in enumerate(self._dataset_prompt_ids()) if pid not in self.dropped_prompt_ids]
+        return self._remaining_rows
+
+    def _without_dropped(self, inputs: list[dict]) -> list[dict]:
+        """Replace the groups of dropped prompts by groups of prompts still sampled, drawn the same way on every
+        process (seeded by the generation round)."""
+        num_generations = self.num_generations
+        group_ids = gather_object_list([row_prompt_id(row) for row in inputs])[::num_generations]
+        dropped = [g for g, pid in enumerate(group_ids) if pid in self.dropped_prompt_ids]
+        remaining = self._sampled_rows()
+        if not dropped or not remaining:
+            return inputs
+        rng = random.Random(f"{self.args.seed}-refresh-{self.state.global_step}-{self._step}")
+        picks = draw_rows(rng, remaining, len(dropped))
+        rows, start = list(inputs), self.accelerator.process_index * len(inputs)
+        for group, index in zip(dropped, picks):
+            for row in range(group * num_generations, (group + 1) * num_generations):
+                if start <= row < start + len(inputs):
+                    rows[row - start] = self.train_dataset[index]
+        self.repair_totals["groups_of_dropped_prompts_replaced"] += len(dropped)
+        return rows
+
     def _generate_and_score_completions(self, inputs):
         if not self.model.training:
             return super()._generate_and_score_completions(inputs)
+        if self.dropped_prompt_ids:
+            inputs = self._without_dropped(inputs)
         substitute = self._setting("informative_substitution")
         min_fraction = self._setting("min_informative_fraction", 1 / 3)
         batches = [self._score_batch(inputs)]
@@ -601,6 +677,7 @@ class BatchRepairMixin:
             "groups_substituted": plan.substituted,
             "solve_none": first.solve_none,
             "solve_all": first.solve_all,
+            "all_correct": first.solve_all / num_groups,
             "batch_kept_unchanged": int(plan.kept_unchanged),
         }
         if self._setting("dynamic_sampling"):
@@ -681,6 +758,8 @@ class BatchRepairMixin:
         parent = getattr(super(), "recipe_state", None)
         state = parent() if parent else {}
         state["repair_totals"] = dict(self.repair_totals)
+        state["dropped_prompt_ids"] = sorted(self.dropped_prompt_ids)
+        state["refreshes"] = self.refreshes
         return state
 
     def load_recipe_state(self, state: dict) -> None:
@@ -688,6 +767,14 @@ class BatchRepairMixin:
         if parent:
             parent(state)
         self.repair_totals = Counter(state.get("repair_totals") or {})
+        self.dropped_prompt_ids = set(state.get("dropped_prompt_ids") or [])
+        self.refreshes = list(state.get("refreshes") or [])
+        self._remaining_rows = None
+
+
+def draw_rows(rng: random.Random, rows: list[int], count: int) -> list[int]:
+    """`count` of `rows`, without replacement while there are enough."""
+    return rng.sample(rows, count) if count <= len(rows) else rng.choices(rows, k=count)
 
 
 def weighted_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -512,9 +512,11 @@ def read_ledger(path: Path) -> dict[str, list[float]]:
 
 def refresh(args: FilterArguments) -> dict:
     """Drop the prompts whose rewards over the run were pooled above `max_mean_reward`; keep the unseen."""
+    from batch_repair import mastered_prompts, pooled_mean_rewards
+
     ledger_path = find_ledger(args.from_training_log)
     group_rewards = read_ledger(ledger_path)
-    pooled = {pid: sum(rewards) / len(rewards) for pid, rewards in group_rewards.items() if rewards}
+    pooled = pooled_mean_rewards(group_rewards)
     if not pooled:
         raise UserError(f"{ledger_path} has no rewards yet: train for at least one step before refreshing")
     problems = load_dataset(args)
@@ -525,7 +527,8 @@ def refresh(args: FilterArguments) -> dict:
             f"none of the {len(pooled)} prompts in {ledger_path} is in {args.dataset}: give the dataset that run trained on "
             "(with the same --problem_column)"
         )
-    keep = [mean is None or mean <= args.max_mean_reward for mean in means]
+    mastered = mastered_prompts(group_rewards, args.max_mean_reward)  # the rule a run's own refresh uses
+    keep = [pid not in mastered for pid in problems["prompt_id"]]
     kept = with_column(without_prompt(problems), "train_mean_reward", means).select([i for i, k in enumerate(keep) if k])
     write_dataset(kept, Path(args.output))
     dropped = len(problems) - len(kept)

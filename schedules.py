@@ -27,7 +27,7 @@ temperature (`recommend_temperature`, rule in its docstring) and write the table
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -40,17 +40,56 @@ from data import UserError
 # ----------------------------------------------------------------------------------------------
 
 
+# What a condition may watch: a short name, or any key of the training log.
+CONDITION_METRICS = {
+    "truncated": "completions/clipped_ratio",  # completions cut at max_completion_length: the length is binding
+    "all_correct": "repair/all_correct",  # groups whose rollouts are all right: the data is getting easy
+    "reward": "sampled/reward",  # mean reward of the model's own rollouts
+    "informative": "repair/informative_before",  # groups with mixed rewards, before repair
+}
+CONDITION_FORMAT = "{metric: truncated|all_correct|reward|informative|<log key>, above: X or below: X, steps: N}"
+
+
+@dataclass(frozen=True)
+class Condition:
+    """`metric` above (or below) `threshold` at each of the last `steps` optimizer steps of the stage before."""
+
+    metric: str
+    threshold: float
+    above: bool = True
+    steps: int = 5
+
+    @property
+    def log_key(self) -> str:
+        return CONDITION_METRICS.get(self.metric, self.metric)
+
+    def holds(self, value: float) -> bool:
+        return value > self.threshold if self.above else value < self.threshold
+
+    def describe(self) -> str:
+        return f"{self.metric} {'above' if self.above else 'below'} {self.threshold:g} for {self.steps} steps"
+
+
 @dataclass(frozen=True)
 class Stage:
-    """From optimizer step `step` on, sample at `temperature` with at most `max_completion_length` tokens."""
+    """From optimizer step `step` on, sample at `temperature` with at most `max_completion_length` tokens.
+
+    With `when`, the stage starts as soon as its condition has held over the last `when.steps` steps, and at
+    `step` at the latest. With `refresh_data`, the prompts the run has mastered are dropped when it starts."""
 
     step: int
     temperature: float
     max_completion_length: int
+    when: Condition | None = None
+    refresh_data: bool = False
 
 
 STAGE_KEYS = ("step", "temperature", "max_completion_length")
-STAGE_FORMAT = 'a list of {step, temperature, max_completion_length} or "STEP:TEMPERATURE:LENGTH,..." (e.g. "0:1.4:39936,300:1.45:48128")'
+OPTIONAL_STAGE_KEYS = ("when", "refresh_data")
+STAGE_FORMAT = (
+    'a list of {step, temperature, max_completion_length[, when, refresh_data]} or "STEP:TEMPERATURE:LENGTH,..." '
+    '(e.g. "0:1.4:39936,300:1.45:48128")'
+)
 
 
 def _stage_from_text(text: str) -> Stage:
@@ -63,7 +102,7 @@ def _stage_from_text(text: str) -> Stage:
 def _stage_from_mapping(mapping: dict, shown: str | None = None) -> Stage:
     shown = shown or str(dict(mapping))
     missing = [key for key in STAGE_KEYS if key not in mapping]
-    unknown = [key for key in mapping if key not in STAGE_KEYS]
+    unknown = [key for key in mapping if key not in STAGE_KEYS + OPTIONAL_STAGE_KEYS]
     if missing or unknown:
         problem = f"lacks {', '.join(missing)}" if missing else f"has unknown keys {', '.join(map(str, unknown))}"
         raise UserError(f"stage {shown} {problem}: write stages as {STAGE_FORMAT}")
@@ -75,7 +114,28 @@ def _stage_from_mapping(mapping: dict, shown: str | None = None) -> Stage:
             f"stage {shown} is not numbers: step and max_completion_length must be whole numbers, temperature a number "
             f"(write stages as {STAGE_FORMAT})"
         ) from None
-    return Stage(step, temperature, length)
+    refresh = mapping.get("refresh_data", False)
+    if not isinstance(refresh, bool):
+        raise UserError(f"stage {shown}: refresh_data must be true or false")
+    return Stage(step, temperature, length, _condition(mapping.get("when"), shown), refresh)
+
+
+def _condition(value, shown: str) -> Condition | None:
+    if value is None or isinstance(value, Condition):
+        return value
+    if not isinstance(value, dict) or "metric" not in value or ("above" in value) == ("below" in value):
+        raise UserError(f"stage {shown}: `when` must be {CONDITION_FORMAT} (one of above / below)")
+    unknown = set(value) - {"metric", "above", "below", "steps", "threshold"}
+    if unknown:
+        raise UserError(f"stage {shown}: `when` has unknown keys {', '.join(sorted(map(str, unknown)))}: write {CONDITION_FORMAT}")
+    try:
+        threshold = float(value["above"] if "above" in value else value["below"])
+        steps = _as_int(value.get("steps", 5))
+    except (TypeError, ValueError):
+        raise UserError(f"stage {shown}: `when` needs a number for above/below and a whole number of steps") from None
+    if steps < 1:
+        raise UserError(f"stage {shown}: `when` must hold for at least 1 step")
+    return Condition(str(value["metric"]), threshold, "above" in value, steps)
 
 
 def _as_int(value) -> int:
@@ -109,6 +169,8 @@ def parse_stages(value) -> list[Stage] | None:
             stages.append(_stage_from_mapping(item))
         else:
             raise UserError(f"stage {item!r} is neither a mapping nor a string: write stages as {STAGE_FORMAT}")
+    if stages[0].when is not None or stages[0].refresh_data:
+        raise UserError("the first stage starts the run: it can have no `when` condition and no refresh_data")
     for index, stage in enumerate(stages):
         if stage.step < 0:
             raise UserError(f"stage {index + 1} starts at step {stage.step}: steps must be 0 or more")
@@ -127,8 +189,20 @@ def parse_stages(value) -> list[Stage] | None:
 
 
 def stages_as_dicts(stages: list[Stage] | None) -> list[dict] | None:
-    """The schedule as plain data, as it is kept in the training config (JSON-serialisable)."""
-    return None if stages is None else [asdict(stage) for stage in stages]
+    """The schedule as plain data, as it is kept in the training config (JSON-serialisable); the optional
+    keys only where they are set."""
+    if stages is None:
+        return None
+    rows = []
+    for stage in stages:
+        row = {key: getattr(stage, key) for key in STAGE_KEYS}
+        if stage.when is not None:
+            when = stage.when
+            row["when"] = {"metric": when.metric, "above" if when.above else "below": when.threshold, "steps": when.steps}
+        if stage.refresh_data:
+            row["refresh_data"] = True
+        rows.append(row)
+    return rows
 
 
 def stage_index_at(stages: list[Stage], step: int) -> int:
@@ -175,7 +249,7 @@ def resolve_stage_config(config) -> None:
     micro_steps_per_round = config.steps_per_generation * config.num_iterations
     every = micro_steps_per_round // math.gcd(config.gradient_accumulation_steps, micro_steps_per_round)
     for stage in stages:
-        if stage.step % every:
+        if stage.step % every and stage.when is None:
             raise UserError(
                 f"the stage at step {stage.step} would start in the middle of a generation round: with "
                 f"gradient_accumulation_steps={config.gradient_accumulation_steps}, steps_per_generation="
@@ -264,31 +338,103 @@ def apply_stage(trainer, stage: Stage) -> None:
 
 
 class StageScheduleCallback(TrainerCallback):
-    """Applies each stage of `stages` to `trainer` at its first step (also right after resuming)."""
+    """Enters each stage of `stages` on `trainer`: at its `step`, or earlier when its `when` condition has held
+    over the last steps of the stage before (also right after resuming).
 
-    def __init__(self, trainer, stages: list[Stage]):
+    A condition is read at the end of every optimizer step from the values the step added to the trainer's
+    metrics (gathered over processes, so every process takes the same decision) and the stage starts with
+    the next step that begins a generation round. Which stages started, when and why, the condition's
+    recent values and a decided start are kept in `state_dict()`, which the trainer saves with every
+    checkpoint, so a resumed run enters its stages at the same steps as the uninterrupted one."""
+
+    def __init__(self, trainer, stages: list[Stage], steps_per_round: int = 1):
         self.trainer = trainer
         self.stages = stages
+        self.steps_per_round = max(1, steps_per_round)  # optimizer steps per generation round
         self.index = None
+        self.started = []  # one record per stage entered: {stage, step, reason}
+        self.recent = []  # the next stage's condition values, newest last
+        self.pending = None  # a start decided at the end of a step: {stage, reason}
+        self._marks = {}
+
+    # -- checkpointed state --
+
+    def state_dict(self) -> dict:
+        return {"started": self.started, "recent": self.recent, "pending": self.pending}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.started = list(state.get("started") or [])
+        self.recent = list(state.get("recent") or [])
+        self.pending = state.get("pending")
+
+    # -- transformers' hooks --
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._enter(state.global_step)
+        if self.started:  # resumed: the stage the interrupted run was in
+            self._apply(self.started[-1]["stage"], state.global_step, resumed=True)
+        else:  # a new run, or a checkpoint without the record: the stage its step falls in
+            self._enter(stage_index_at(self.stages, state.global_step), state.global_step, "step")
+        self._start_step_marks()
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._enter(state.global_step)
+        step = state.global_step
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self._enter(pending["stage"], step, pending["reason"])
+        self._start_step_marks()
 
-    def _enter(self, step: int):
-        index = stage_index_at(self.stages, step)
+    def on_step_end(self, args, state, control, **kwargs):
+        following = (self.index or 0) + 1
+        if following >= len(self.stages) or self.pending is not None:
+            return
+        stage, steps_done = self.stages[following], state.global_step
+        condition = stage.when
+        if condition is not None:
+            value = self._step_value(condition.log_key)
+            if value is not None:
+                self.recent = (self.recent + [round(value, 6)])[-condition.steps :]
+        if steps_done % self.steps_per_round:
+            return  # a stage begins with a generation round
+        if condition is not None and len(self.recent) == condition.steps and all(condition.holds(v) for v in self.recent):
+            self.pending = {"stage": following, "reason": f"{condition.describe()}: {', '.join(f'{v:g}' for v in self.recent)}"}
+        elif steps_done >= stage.step:
+            self.pending = {"stage": following, "reason": f"step {stage.step}" + (" (its condition did not hold)" if condition else "")}
+
+    # -- entering a stage --
+
+    def _enter(self, index: int, step: int, reason: str):
         if index == self.index:
             return
+        self.started.append({"stage": index, "step": step, "reason": reason})
+        self.recent = []
+        self._apply(index, step)
+        if index > 0 and self.stages[index].refresh_data and hasattr(self.trainer, "refresh_training_data"):
+            self.trainer.refresh_training_data(stage=index + 1)
+
+    def _apply(self, index: int, step: int, resumed: bool = False):
         stage = self.stages[index]
         self.trainer.apply_stage(stage)
         self.index = index
         if self.trainer.accelerator.is_main_process:
+            why = f" ({self.started[-1]['reason']})" if self.started and not resumed and index > 0 else ""
             print(
-                f"Stage {index + 1}/{len(self.stages)} from step {step}: temperature {stage.temperature:g}, "
-                f"max completion length {stage.max_completion_length}"
+                f"Stage {index + 1}/{len(self.stages)} from step {step}{why}: temperature {stage.temperature:g}, "
+                f"max completion length {stage.max_completion_length}{' (resumed)' if resumed else ''}",
+                flush=True,
             )
+
+    # -- the values a step added to the trainer's metrics --
+
+    def _train_metrics(self) -> dict:
+        return getattr(self.trainer, "_metrics", {}).get("train", {})
+
+    def _start_step_marks(self):
+        self._marks = {key: len(values) for key, values in self._train_metrics().items()}
+
+    def _step_value(self, key: str) -> float | None:
+        values = self._train_metrics().get(key, [])[self._marks.get(key, 0) :]
+        values = [value for value in values if value == value]  # NaN: nothing measured
+        return sum(values) / len(values) if values else None
 
     def log_values(self) -> dict:
         """The values in force, for the training log."""
@@ -312,7 +458,10 @@ def attach_stage_schedule(trainer) -> StageScheduleCallback | None:
     if stages is None:
         return None
     trainer._stage_temperature_cells = trainer_temperature_cells(trainer)
-    callback = StageScheduleCallback(trainer, stages)
+    args = trainer.args
+    micro_steps_per_round = args.steps_per_generation * args.num_iterations
+    steps_per_round = max(1, micro_steps_per_round // args.gradient_accumulation_steps)
+    callback = StageScheduleCallback(trainer, stages, steps_per_round)
     trainer.add_callback(callback)
     return callback
 

@@ -74,8 +74,12 @@ class PolarisConfig(GRPOConfig):
         default=None,
         metadata={
             "help": "Stage schedule: sampling temperature and max completion length from a given step on, "
-            'e.g. "0:1.4:39936,300:1.45:48128" (STEP:TEMPERATURE:MAX_COMPLETION_LENGTH); see schedules.py.'
+            'e.g. "0:1.4:39936,300:1.45:48128" (STEP:TEMPERATURE:MAX_COMPLETION_LENGTH). In a recipe a stage may '
+            "also start when a condition holds (`when`) and drop mastered prompts (`refresh_data`); see schedules.py."
         },
+    )
+    refresh_max_mean_reward: float = field(
+        default=0.9, metadata={"help": "A stage with refresh_data drops the prompts whose mean reward so far is above this (POLARIS: 0.9)."}
     )
     # Zero-advantage groups (all rollouts right or all wrong) are repaired; see batch_repair.py.
     rollout_rescue: bool = field(
@@ -160,6 +164,23 @@ class PolarisGRPOTrainer(CheckpointMixin, BatchRepairMixin, StepBatchMixin, GRPO
         if getattr(self, "stage_schedule", None) is not None and "loss" in logs:
             logs.update(self.stage_schedule.log_values())
         super().log(logs, start_time)
+
+    def recipe_state(self) -> dict:
+        state = super().recipe_state()
+        if self.stage_schedule is not None:
+            state["stage_schedule"] = self.stage_schedule.state_dict()
+        return state
+
+    def load_recipe_state(self, state: dict) -> None:
+        super().load_recipe_state(state)
+        if self.stage_schedule is not None and state.get("stage_schedule"):
+            self.stage_schedule.load_state_dict(state["stage_schedule"])
+
+    def stage_starts(self) -> list[dict]:
+        """Each stage entered: {stage (1-based), step, reason}."""
+        if self.stage_schedule is None:
+            return []
+        return [{**record, "stage": record["stage"] + 1} for record in self.stage_schedule.started]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,9 +321,10 @@ def measure_accuracy(model, tokenizer, problems, script_args: ScriptArguments, t
     return sum(scores) / len(scores)
 
 
-def plot_learning_curve(log_history: list[dict], path: Path):
+def plot_learning_curve(log_history: list[dict], path: Path, stage_starts: list[dict] = ()):
     """Rewards and the informative fraction per logged step: of what the model sampled and, after batch
-    repair, of what it trained on (TRL's `reward` and `frac_reward_zero_std` describe the batch before it)."""
+    repair, of what it trained on (TRL's `reward` and `frac_reward_zero_std` describe the batch before it).
+    Stage boundaries are marked with what started them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -326,6 +348,11 @@ def plot_learning_curve(log_history: list[dict], path: Path):
         axis.plot(steps, series("reward"), marker="o", label="mean reward")
         if any("frac_reward_zero_std" in row for row in rows):
             axis.plot(steps, series("frac_reward_zero_std", lambda value: 1.0 - value), label="informative groups")
+    for start in stage_starts:
+        if start["stage"] > 1:
+            axis.axvline(start["step"], color="gray", linestyle="--", linewidth=1)
+            reason = start["reason"].split(":")[0]
+            axis.annotate(f"stage {start['stage']}: {reason}", (start["step"], 0.98), rotation=90, va="top", ha="right", fontsize=7, color="gray")
     axis.set_xlabel("step")
     axis.set_ylim(-0.02, 1.02)
     axis.legend(fontsize="small")
@@ -496,9 +523,12 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
     }
     if hasattr(trainer, "repair_summary"):
         summary["batch_repair"] = trainer.repair_summary()
+    if getattr(trainer, "stage_schedule", None) is not None:
+        summary["stages"] = trainer.stage_starts()
+        summary["refreshes"] = trainer.refreshes
     if trainer.accelerator.is_main_process:
         write_summary(output_dir, summary)
-        plot_learning_curve(trainer.state.log_history, output_dir / "learning_curve.png")
+        plot_learning_curve(trainer.state.log_history, output_dir / "learning_curve.png", summary.get("stages", []))
         print_report(summary, output_dir, is_demo)
     return summary
 

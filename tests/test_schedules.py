@@ -264,8 +264,10 @@ def test_callback_applies_the_stage_of_a_resumed_step():
     callback = StageScheduleCallback(trainer, stages)
     callback.on_train_begin(None, SimpleNamespace(global_step=15), None)  # resumed from checkpoint-15
     assert applied == [stages[1]] and callback.log_values()["schedule/stage"] == 2
-    for step in range(15, 25):
+    for step in range(15, 25):  # as the Trainer calls them: begin at `step`, end once it is done
         callback.on_step_begin(None, SimpleNamespace(global_step=step), None)
+        assert callback.index == (2 if step >= 20 else 1)
+        callback.on_step_end(None, SimpleNamespace(global_step=step + 1), None)
     assert applied == [stages[1], stages[2]]  # each boundary applied once
     assert callback.log_values() == {"schedule/stage": 3, "schedule/temperature": 1.4, "schedule/max_completion_length": 32}
 
