@@ -27,7 +27,7 @@ temperature (`recommend_temperature`, rule in its docstring) and write the table
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -82,10 +82,11 @@ class Stage:
     max_completion_length: int
     when: Condition | None = None
     refresh_data: bool = False
+    search_temperatures: tuple[float, ...] | None = None  # chosen among these by diversity when the stage starts
 
 
 STAGE_KEYS = ("step", "temperature", "max_completion_length")
-OPTIONAL_STAGE_KEYS = ("when", "refresh_data")
+OPTIONAL_STAGE_KEYS = ("when", "refresh_data", "search_temperatures")
 STAGE_FORMAT = (
     'a list of {step, temperature, max_completion_length[, when, refresh_data]} or "STEP:TEMPERATURE:LENGTH,..." '
     '(e.g. "0:1.4:39936,300:1.45:48128")'
@@ -117,7 +118,19 @@ def _stage_from_mapping(mapping: dict, shown: str | None = None) -> Stage:
     refresh = mapping.get("refresh_data", False)
     if not isinstance(refresh, bool):
         raise UserError(f"stage {shown}: refresh_data must be true or false")
-    return Stage(step, temperature, length, _condition(mapping.get("when"), shown), refresh)
+    return Stage(step, temperature, length, _condition(mapping.get("when"), shown), refresh, _candidates(mapping.get("search_temperatures"), shown))
+
+
+def _candidates(value, shown: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        candidates = tuple(sorted(float(t) for t in value))
+    except (TypeError, ValueError):
+        raise UserError(f"stage {shown}: search_temperatures must be a list of temperatures, e.g. [1.45, 1.5, 1.55]") from None
+    if len(candidates) < 2 or not all(t > 0 and math.isfinite(t) for t in candidates):
+        raise UserError(f"stage {shown}: search_temperatures needs two or more temperatures above 0")
+    return candidates
 
 
 def _condition(value, shown: str) -> Condition | None:
@@ -169,8 +182,11 @@ def parse_stages(value) -> list[Stage] | None:
             stages.append(_stage_from_mapping(item))
         else:
             raise UserError(f"stage {item!r} is neither a mapping nor a string: write stages as {STAGE_FORMAT}")
-    if stages[0].when is not None or stages[0].refresh_data:
-        raise UserError("the first stage starts the run: it can have no `when` condition and no refresh_data")
+    if stages[0].when is not None or stages[0].refresh_data or stages[0].search_temperatures:
+        raise UserError(
+            "the first stage starts the run: it can have no `when` condition, refresh_data or search_temperatures "
+            "(search its temperature before training: evaluate.py --sweep_temperature)"
+        )
     for index, stage in enumerate(stages):
         if stage.step < 0:
             raise UserError(f"stage {index + 1} starts at step {stage.step}: steps must be 0 or more")
@@ -201,6 +217,8 @@ def stages_as_dicts(stages: list[Stage] | None) -> list[dict] | None:
             row["when"] = {"metric": when.metric, "above" if when.above else "below": when.threshold, "steps": when.steps}
         if stage.refresh_data:
             row["refresh_data"] = True
+        if stage.search_temperatures:
+            row["search_temperatures"] = list(stage.search_temperatures)
         rows.append(row)
     return rows
 
@@ -352,28 +370,35 @@ class StageScheduleCallback(TrainerCallback):
         self.stages = stages
         self.steps_per_round = max(1, steps_per_round)  # optimizer steps per generation round
         self.index = None
+        self.in_force = None  # the stage applied, with the searched temperature
         self.started = []  # one record per stage entered: {stage, step, reason}
         self.recent = []  # the next stage's condition values, newest last
         self.pending = None  # a start decided at the end of a step: {stage, reason}
+        self.target_diversity = None  # the probe's diversity at the temperature of the stage in force (searches)
         self._marks = {}
 
     # -- checkpointed state --
 
     def state_dict(self) -> dict:
-        return {"started": self.started, "recent": self.recent, "pending": self.pending}
+        return {"started": self.started, "recent": self.recent, "pending": self.pending, "target_diversity": self.target_diversity}
 
     def load_state_dict(self, state: dict) -> None:
         self.started = list(state.get("started") or [])
         self.recent = list(state.get("recent") or [])
         self.pending = state.get("pending")
+        self.target_diversity = state.get("target_diversity")
 
     # -- transformers' hooks --
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.started:  # resumed: the stage the interrupted run was in
-            self._apply(self.started[-1]["stage"], state.global_step, resumed=True)
+            self._apply(self.started[-1], state.global_step, resumed=True)
         else:  # a new run, or a checkpoint without the record: the stage its step falls in
             self._enter(stage_index_at(self.stages, state.global_step), state.global_step, "step")
+            if any(stage.search_temperatures for stage in self.stages) and self.target_diversity is None:
+                stage = self.stages[self.index]
+                rows = self._probe([stage.temperature], stage.max_completion_length)
+                self.target_diversity = rows[0]["diversity"]
         self._start_step_marks()
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -405,23 +430,56 @@ class StageScheduleCallback(TrainerCallback):
     def _enter(self, index: int, step: int, reason: str):
         if index == self.index:
             return
-        self.started.append({"stage": index, "step": step, "reason": reason})
-        self.recent = []
-        self._apply(index, step)
-        if index > 0 and self.stages[index].refresh_data and hasattr(self.trainer, "refresh_training_data"):
-            self.trainer.refresh_training_data(stage=index + 1)
-
-    def _apply(self, index: int, step: int, resumed: bool = False):
+        record = {"stage": index, "step": step, "reason": reason}
         stage = self.stages[index]
+        if index > 0 and stage.refresh_data and hasattr(self.trainer, "refresh_training_data"):
+            record["refresh"] = self.trainer.refresh_training_data(stage=index + 1)
+        if stage.search_temperatures:
+            record.update(self._search_temperature(index))
+        self.started.append(record)
+        self.recent = []
+        self._apply(record, step)
+
+    def _apply(self, record: dict, step: int, resumed: bool = False):
+        index = record["stage"]
+        stage = self.stages[index]
+        if record.get("temperature") is not None:  # chosen by the search when the stage started
+            stage = replace(stage, temperature=record["temperature"])
         self.trainer.apply_stage(stage)
-        self.index = index
+        self.index, self.in_force = index, stage
         if self.trainer.accelerator.is_main_process:
-            why = f" ({self.started[-1]['reason']})" if self.started and not resumed and index > 0 else ""
+            why = f" ({record['reason']})" if not resumed and index > 0 else ""
             print(
                 f"Stage {index + 1}/{len(self.stages)} from step {step}{why}: temperature {stage.temperature:g}, "
                 f"max completion length {stage.max_completion_length}{' (resumed)' if resumed else ''}",
                 flush=True,
             )
+
+    # -- the temperature search at a stage start --
+
+    def _search_temperature(self, index: int) -> dict:
+        """Probe the stage's candidate temperatures with the current model and choose by `recommend_temperature`'s
+        later-stage rule: the lowest one whose diversity reaches the diversity the stage before started at."""
+        stage, current = self.stages[index], self.in_force.temperature
+        rows = self._probe(list(stage.search_temperatures), stage.max_completion_length)
+        target = self.target_diversity
+        chosen = recommend_temperature(rows, target, current)
+        chosen_row = next((row for row in rows if math.isclose(row["temperature"], chosen)), None)
+        if chosen_row is not None:  # the diversity this stage starts at: the next search's target
+            self.target_diversity = chosen_row["diversity"]
+        trainer = self.trainer
+        if trainer.accelerator.is_main_process:
+            rule = describe_rule(target, current)
+            directory = Path(trainer.args.output_dir) / f"stage{index + 1}_temperature_search"
+            write_sweep_report(rows, chosen, directory, rule=rule)
+            print(f"Temperature search for stage {index + 1}:\n{format_sweep_table(rows, chosen)}\n(report in {directory})", flush=True)
+        return {"temperature": chosen, "search": rows, "target_diversity": target}
+
+    def _probe(self, temperatures: list[float], max_new_tokens: int) -> list[dict]:
+        from accelerate.utils import broadcast_object_list
+
+        rows = probe_temperatures(self.trainer, temperatures, max_new_tokens)
+        return broadcast_object_list([rows])[0]  # the main process' measurement decides for all
 
     # -- the values a step added to the trainer's metrics --
 
@@ -440,12 +498,53 @@ class StageScheduleCallback(TrainerCallback):
         """The values in force, for the training log."""
         if self.index is None:
             return {}
-        stage = self.stages[self.index]
+        stage = self.in_force
         return {
             "schedule/stage": self.index + 1,
             "schedule/temperature": stage.temperature,
             "schedule/max_completion_length": stage.max_completion_length,
         }
+
+
+def probe_problems(trainer) -> tuple[list, list]:
+    """The temperature search's fixed probe: `temperature_search_problems` training prompts drawn with the
+    run's seed (the same ones at every search, so diversities compare), and their answers."""
+    import random
+
+    args, dataset = trainer.args, trainer.train_dataset
+    count = min(getattr(args, "temperature_search_problems", 16), len(dataset))
+    picks = sorted(random.Random(f"{args.seed}-temperature-probe").sample(range(len(dataset)), count))
+    rows = [dataset[i] for i in picks]
+    return [row["prompt"] for row in rows], [row["answer"] for row in rows]
+
+
+def probe_temperatures(trainer, temperatures: list[float], max_new_tokens: int) -> list[dict]:
+    """Sample the probe at each temperature with the model being trained and return sweep rows (accuracy,
+    diversity), as `evaluate.py --sweep_temperature` computes them. The random state of training is left
+    as it was, so a run resumed before a search makes the same search."""
+    import torch
+    from trl.models.utils import unwrap_model_for_generation
+
+    from generation import sample_completions
+    from rewards import verify
+
+    args = trainer.args
+    prompts, answers = probe_problems(trainer)
+    devices = [trainer.accelerator.device] if trainer.accelerator.device.type == "cuda" else []
+    rows = []
+    with torch.random.fork_rng(devices=devices), unwrap_model_for_generation(
+        trainer.model_wrapped, trainer.accelerator, gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs
+    ) as model:
+        for temperature in temperatures:
+            samples = sample_completions(
+                model, trainer.processing_class, prompts, num_samples=getattr(args, "temperature_search_samples", 4),
+                temperature=temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=max_new_tokens, seed=args.seed,
+                progress=False,
+            )
+            scores = [[float(verify(sample.text, answer)) for sample in group] for group, answer in zip(samples, answers)]
+            texts = [[sample.text for sample in group] for group in samples]
+            rows.append(sweep_row(temperature, scores, texts, unit=getattr(args, "temperature_search_ngram_unit", "word")))
+    return rows
 
 
 def attach_stage_schedule(trainer) -> StageScheduleCallback | None:

@@ -78,6 +78,13 @@ class PolarisConfig(GRPOConfig):
             "also start when a condition holds (`when`) and drop mastered prompts (`refresh_data`); see schedules.py."
         },
     )
+    temperature_search_problems: int = field(
+        default=16, metadata={"help": "A stage with search_temperatures samples this many training prompts at each candidate."}
+    )
+    temperature_search_samples: int = field(default=4, metadata={"help": "Samples per probe prompt and temperature."})
+    temperature_search_ngram_unit: str = field(
+        default="word", metadata={"help": "Diversity of the temperature search counts 4-grams of words or of characters (`char`)."}
+    )
     refresh_max_mean_reward: float = field(
         default=0.9, metadata={"help": "A stage with refresh_data drops the prompts whose mean reward so far is above this (POLARIS: 0.9)."}
     )

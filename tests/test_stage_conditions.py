@@ -163,3 +163,42 @@ def test_refresh_drops_mastered_prompts_and_a_resumed_run_follows_the_same_stage
     assert resumed.stage_starts()[1:] == starts[1:]
     assert resumed.dropped_prompt_ids == trainer.dropped_prompt_ids
     assert resumed.ledger.prompts == trainer.ledger.prompts
+
+
+def test_a_stage_chooses_its_temperature_in_the_run_by_the_sweep_rule(toy_world, tmp_path, monkeypatch):
+    import generation
+    from rewards import verify
+    from schedules import probe_problems, recommend_temperature, sweep_row
+
+    sampled, original = {}, generation.sample_completions
+
+    def recorded(*args, temperature, **kwargs):
+        sampled[temperature] = original(*args, temperature=temperature, **kwargs)
+        return sampled[temperature]
+
+    monkeypatch.setattr(generation, "sample_completions", recorded)
+
+    stages = [
+        {"step": 0, "temperature": 0.8, "max_completion_length": 8},
+        {"step": 2, "temperature": 1.0, "max_completion_length": 10, "search_temperatures": [0.8, 1.2, 1.6, 2.0]},
+    ]
+    trainer, _ = refresh_run(
+        toy_world, tmp_path, "search", max_steps=3, stages=stages, save_strategy="no",
+        temperature_search_problems=4, temperature_search_samples=3, temperature_search_ngram_unit="char",
+    )
+    trainer.train()
+    record = trainer.stage_schedule.started[1]
+    rows = record["search"]
+    assert [row["temperature"] for row in rows] == [0.8, 1.2, 1.6, 2.0]
+    assert record["target_diversity"] is not None  # measured at the first stage's temperature when the run began
+    assert record["temperature"] == recommend_temperature(rows, record["target_diversity"], 0.8)
+    report = json.loads((tmp_path / "search" / "stage2_temperature_search" / "temperature_sweep.json").read_text())
+    assert report["recommended_temperature"] == record["temperature"] and report["temperatures"] == rows
+    assert (tmp_path / "search" / "stage2_temperature_search" / "temperature_sweep.png").is_file()
+    assert trainer.temperature == record["temperature"] == trainer.state.log_history[2]["schedule/temperature"]
+    # the rows are what the offline sweep computes from the same samples
+    _, answers = probe_problems(trainer)
+    for row in rows:
+        groups = sampled[row["temperature"]]
+        scores = [[float(verify(sample.text, answer)) for sample in group] for group, answer in zip(groups, answers)]
+        assert row == sweep_row(row["temperature"], scores, [[sample.text for sample in group] for group in groups], unit="char")
