@@ -164,6 +164,13 @@ def parse_stages(value) -> list[Stage] | None:
     lengths are positive integers. Returns None for an empty value; raises `UserError` otherwise."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
+    if isinstance(value, str) and value.strip().startswith("["):  # a YAML / JSON list on the command line
+        import yaml
+
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise UserError(f"stages '{value}' do not parse as a YAML list: {str(error).splitlines()[0]}") from None
     if isinstance(value, str):
         items = [part for part in value.split(",") if part.strip()]
     elif isinstance(value, (list, tuple)):

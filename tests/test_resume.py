@@ -40,6 +40,13 @@ from data import UserError
 
 
 MAX_STEPS = 10
+# The second stage starts on a condition (two generation rounds with any reward: step 4, before its step 6)
+# and drops the prompts solved more than 60% of the time so far (not the forgotten one, solved half the time,
+# which is rescued later), so a resume must restore the decision and the refresh.
+STAGES = json.dumps([
+    {"step": 0, "temperature": 1.0, "max_completion_length": 24},
+    {"step": 6, "temperature": 1.2, "max_completion_length": 20, "when": {"metric": "reward", "above": 0.0, "steps": 2}, "refresh_data": True},
+])
 
 
 def scripted_reward(completions, forgotten, trainer_state=None, **kwargs):
@@ -195,7 +202,7 @@ def training_args(toy_world, problems, output_dir, *extra, per_device_train_batc
         "--eval_num_samples", "1", "--eval_max_problems", "8", "--output_dir", str(output_dir),
         "--reward_funcs", "test_resume.scripted_reward", "--seed", "0", "--max_steps", str(MAX_STEPS),
         "--per_device_train_batch_size", str(per_device_train_batch_size), "--gradient_accumulation_steps", "1",
-        "--steps_per_generation", "2", "--num_generations", "4", "--stages", "0:1.0:24,4:1.2:20", "--learning_rate", "1e-3",
+        "--steps_per_generation", "2", "--num_generations", "4", "--stages", STAGES, "--refresh_max_mean_reward", "0.6", "--learning_rate", "1e-3",
         "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "0", "--report_to", "none", *extra,
     ]  # fmt: skip
 
@@ -242,6 +249,8 @@ def outcome(output_dir: Path) -> dict:
         "batch_repair": summary["batch_repair"],
         "accuracy_before": summary["accuracy_before"],
         "accuracy_after": summary["accuracy_after"],
+        "stages": summary["stages"],
+        "refreshes": summary["refreshes"],
     }
 
 
@@ -251,7 +260,7 @@ def assert_same_run(resumed: dict, reference: dict):
     for step, logged in reference["steps"].items():
         assert resumed["steps"][step] == logged, f"step {step} differs"
     assert resumed["ledger"] == reference["ledger"]
-    for key in ("batch_repair", "accuracy_before", "accuracy_after"):
+    for key in ("batch_repair", "accuracy_before", "accuracy_after", "stages", "refreshes"):
         assert resumed[key] == reference[key], key
 
 
@@ -263,6 +272,8 @@ def reference(toy_world, problems, tmp_path_factory) -> tuple[Path, dict]:
     ran = outcome(output_dir)
     # the run exercises what a resume must restore: both stages, rescues from the kept completions
     assert {logged["schedule/stage"] for logged in ran["steps"].values()} == {1, 2}
+    assert ran["stages"][1]["reason"].startswith("reward above 0") and ran["stages"][1]["step"] == 4
+    assert ran["refreshes"][0]["dropped"] > 0
     assert ran["batch_repair"]["groups_rescued"] > 0 and ran["batch_repair"]["batches"] == MAX_STEPS // 2
     return output_dir, ran
 
@@ -397,8 +408,14 @@ def test_two_processes_stop_at_the_same_step_when_one_gets_sigterm_and_resume(to
     assert resumed.wait(timeout=600) == 0, resumed_log.read_text()[-3000:]
     ran, one_process = outcome(output_dir), reference[1]
     assert ran["global_step"] == MAX_STEPS and sorted(ran["steps"]) == list(range(1, MAX_STEPS + 1))
-    # where one process is expected to agree: the prompts, their order and counts, the measurement before training
+    # where one process is expected to agree (each process samples with its own random stream, so texts and
+    # rewards differ): the prompts, their order and counts until the refresh (which follows the rewards), the
+    # steps at which the stages started, the measurement before training
     assert list(ran["ledger"]["prompts"]) == list(one_process["ledger"]["prompts"])
-    assert [e["seen"] for e in ran["ledger"]["prompts"].values()] == [e["seen"] for e in one_process["ledger"]["prompts"].values()]
+    boundary = one_process["stages"][1]["step"]
+    seen = lambda run: {pid: e["seen"] for pid, e in json.loads((run / f"checkpoint-{boundary}" / "prompt_ledger.json").read_text())["prompts"].items()}  # noqa: E731
+    assert seen(output_dir) == seen(reference[0])
+    assert [(s["stage"], s["step"]) for s in ran["stages"]] == [(s["stage"], s["step"]) for s in one_process["stages"]]
+    assert [r["step"] for r in ran["refreshes"]] == [r["step"] for r in one_process["refreshes"]]
     assert ran["accuracy_before"] == one_process["accuracy_before"]
     assert ran["batch_repair"]["batches"] == one_process["batch_repair"]["batches"]
