@@ -589,8 +589,8 @@ class BatchRepairMixin:
         if self.accelerator.is_main_process:
             print(
                 f"Refresh at step {counts['step']}: dropped {counts['dropped']} prompts with mean reward above {threshold:g} "
-                f"({dropped} of {len(set(ids))} in all); sampling from the {counts['remaining']} left "
-                f"({counts['never_seen']} never seen)", flush=True,
+                f"({dropped} of {len(set(ids))} in all, {counts['never_seen']} never seen); sampling from the "
+                f"{counts['remaining']} training rows left", flush=True,
             )
         return counts
 

@@ -439,13 +439,13 @@ class StageScheduleCallback(TrainerCallback):
             return
         record = {"stage": index, "step": step, "reason": reason}
         stage = self.stages[index]
-        if index > 0 and stage.refresh_data and hasattr(self.trainer, "refresh_training_data"):
-            record["refresh"] = self.trainer.refresh_training_data(stage=index + 1)
         if stage.search_temperatures:
             record.update(self._search_temperature(index))
         self.started.append(record)
         self.recent = []
         self._apply(record, step)
+        if index > 0 and stage.refresh_data and hasattr(self.trainer, "refresh_training_data"):
+            record["refresh"] = self.trainer.refresh_training_data(stage=index + 1)
 
     def _apply(self, record: dict, step: int, resumed: bool = False):
         index = record["stage"]
