@@ -352,11 +352,14 @@ _CANON_NOISE = re.compile(r"\\left(?![a-zA-Z])|\\right(?![a-zA-Z])|\\displaystyl
 _CANON_TEXT = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mbox)\{([^{}]*)\}")
 _CANON_SCRIPT = re.compile(r"([\^_])\{(\w)\}")
 _LEADING_ASSIGNMENT = re.compile(r"[A-Za-z](?:_\w|_\{\w+\})?=(?!=)")
-# Plain rationals in canonical form: 12, -0.5, .5, \frac{3}{4}, \frac{-3}{4}, \frac34, 3/4.
+# Plain rationals in canonical form: 12, -0.5, .5, \frac{3}{4}, \frac{-3}{4}, \frac34, 3/4, and scientific notation
+# 3.2\times10^{4}, 3.2\cdot10^{-3}, 3.2e4 (canonical() has removed the spaces and the braces of one-digit scripts).
 _RATIONAL = re.compile(
-    r"(?P<sign>[-+]?)(?:(?P<dec>\d+(?:\.\d*)?|\.\d+)|\\frac\{(?P<fn>[-+]?\d+)\}\{(?P<fd>[-+]?\d+)\}"
+    r"(?P<sign>[-+]?)(?:(?P<mant>\d+(?:\.\d*)?|\.\d+)(?:(?:\\times|\\cdot)10\^(?:\{(?P<exb>[-+]?\d{1,3})\}|(?P<exd>\d))"
+    r"|[eE](?P<exe>[-+]?\d{1,3}))|(?P<dec>\d+(?:\.\d*)?|\.\d+)|\\frac\{(?P<fn>[-+]?\d+)\}\{(?P<fd>[-+]?\d+)\}"
     r"|\\frac(?P<sn>\d)(?P<sd>\d)|(?P<qn>\d+)/(?P<qd>\d+))"
 )
+EXACT, DECIMAL, SCIENTIFIC = "exact", "decimal", "scientific"
 
 
 @lru_cache(maxsize=4096)
@@ -369,26 +372,201 @@ def canonical(s: str) -> str:
     return s.rstrip(".")
 
 
-def _as_rational(s: str) -> tuple[Fraction, bool] | None:
-    """(value, exact) for a plain rational; exact is False for decimals, which math_verify compares rounded."""
+def _as_rational(s: str) -> tuple[Fraction, str] | None:
+    """(value, kind) for a plain number; kind is EXACT, DECIMAL (math_verify compares it rounded) or SCIENTIFIC."""
     match = _RATIONAL.fullmatch(s)
     if match is None or len(s) > 100:
         return None
     groups = match.groupdict()
     try:
-        if groups["dec"] is not None:
-            value, exact = Fraction(groups["dec"]), "." not in groups["dec"]
+        if groups["mant"] is not None:
+            exponent = int(groups["exb"] or groups["exd"] or groups["exe"])
+            value, kind = Fraction(groups["mant"]) * Fraction(10) ** exponent, SCIENTIFIC
+        elif groups["dec"] is not None:
+            value, kind = Fraction(groups["dec"]), (DECIMAL if "." in groups["dec"] else EXACT)
         else:
             num = groups["fn"] or groups["sn"] or groups["qn"]
             den = groups["fd"] or groups["sd"] or groups["qd"]
-            value, exact = Fraction(int(num), int(den)), True
+            value, kind = Fraction(int(num), int(den)), EXACT
     except (ValueError, ZeroDivisionError):
         return None
-    return (-value if groups["sign"] == "-" else value), exact
+    return (-value if groups["sign"] == "-" else value), kind
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Answer classes math_verify misreads, rewritten (for the fast path and the workers alike) or decided outright
+# ---------------------------------------------------------------------------------------------------------------
+
+_TEXT_WRAPPER = re.compile(r"\\(?:text|textrm|textnormal|mathrm|mbox)\s*\{([^{}]*)\}")
+_LATEX_SPACE = re.compile(r"\\[,;:! ]|~|\$")
+
+
+def _plain(s: str) -> str:
+    """`\\text{}` wrappers opened, LaTeX spacing as spaces, runs of spaces as one."""
+    return " ".join(_LATEX_SPACE.sub(" ", _TEXT_WRAPPER.sub(r" \1 ", s)).split())
+
+
+# Clock times: 14:05, 14:05:00, 2:05 PM, 2:05 p.m.
+_CLOCK = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?(?:\s*(?P<half>[aApP])\.?\s*[mM]\.?)?")
+
+
+def _clock(s: str):
+    """(seconds after midnight, has AM/PM, hour as written) for a clock time, else None."""
+    match = _CLOCK.fullmatch(_plain(s))
+    if match is None:
+        return None
+    hour, minute, second = int(match[1]), int(match[2]), int(match[3] or 0)
+    half = (match["half"] or "").lower()
+    if minute > 59 or second > 59 or hour > (12 if half else 23) or (half and hour == 0):
+        return None
+    hour24 = hour % 12 + 12 * (half == "p") if half else hour
+    return hour24 * 3600 + minute * 60 + second, bool(half), hour, match[3] is not None
+
+
+def _clock_verdict(gold: str, answer: str) -> bool | None:
+    """Clock times compared as times (math_verify reads 14:05 as the ratio 14/5).
+
+    Ambiguity: `2:05` without AM/PM against `2:05 AM` or `2:05 PM` could be either half of the day, so it is not a
+    match (conservative); `14:05` against `2:05 PM` is. A gold that can only be a time (seconds, AM/PM or an hour
+    past 12) against an answer that is not a time is a miss; `1:20` may be a ratio and goes on as before.
+    """
+    g = _clock(gold)
+    if g is None:
+        return None
+    a = _clock(answer)
+    if a is None:
+        return False if (g[1] or g[3] or g[2] > 12) else None
+    for plain, halved in ((g, a), (a, g)):
+        if halved[1] and not plain[1] and 1 <= plain[2] <= 12:
+            return False
+    return g[0] == a[0]
+
+
+# Equations naming the same function differently: `g(t) = 3t+1` against `y = 3t+1`.
+_NAMED_EQUATION = re.compile(
+    r"\s*(?P<name>[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?\s*(?:(?:\\left)?\(\s*(?P<arg>[A-Za-z])\s*(?:\\right)?\))?"
+    r"\s*=(?P<rhs>[^=<>,;]+)"
+)
+
+
+def _same_function_names(gold: str, answer: str) -> tuple[str, str]:
+    """Right-hand sides only, when both sides define one function and at least one names its argument.
+
+    Two bare names (`x = 2` against `y = 2`) are left to math_verify: they may name different unknowns.
+    `f(x)` against `f(t)` too: the variable differs, so the right-hand sides differ.
+    """
+    g, a = _NAMED_EQUATION.fullmatch(gold), _NAMED_EQUATION.fullmatch(answer)
+    if g is None or a is None or not (g["arg"] or a["arg"]):
+        return gold, answer
+    if g["arg"] and a["arg"] and g["arg"] != a["arg"]:
+        return gold, answer
+    if (not g["arg"] and g["name"] == a["arg"]) or (not a["arg"] and a["name"] == g["arg"]):
+        return gold, answer  # `t = 3t+1` is an equation in t, not a function of it
+    return g["rhs"].strip(), a["rhs"].strip()
+
+
+# Units written as plain text: `7 days`, `12 m^2`, `40 km/h`, `3 square units` (and `\text{}` ones in answers).
+_UNIT_ABBREVIATIONS = frozenset(
+    "m cm mm km s ms ns g kg mg h hr hrs min mL ml in ft yd mi lb lbs oz mph kph Hz kHz MHz GHz kW kWh eV keV MeV "
+    "nm um mol Pa kPa atm K".split()
+)
+_NOT_UNITS = frozenset(
+    "and or mod pmod sin cos tan cot sec csc log ln exp max min gcd lcm lim det arg inf sup not for all any are the "
+    "with where when if then no none yes true false undefined".split()
+)
+_UNIT_WORD = r"[A-Za-z]+(?:\^\{?[23]\}?)?"
+_NUMBER_AND_UNIT = re.compile(
+    rf"(?P<num>.*?[\d}}.])\s*(?P<unit>{_UNIT_WORD}(?:(?:\s+|\s*/\s*){_UNIT_WORD}){{0,2}})"
+)
+
+
+def _unit_key(unit: str) -> str:
+    words = []
+    for word in re.findall(r"[A-Za-z]+|\^\{?[23]\}?|/", unit):
+        if len(word) >= 3 and word.isalpha():
+            word = word.lower()
+            word = word[:-1] if len(word) >= 4 and word.endswith("s") else word  # days = day
+        words.append(word.replace("{", "").replace("}", ""))
+    return " ".join(words)
+
+
+def _split_unit(s: str, plain_needs_space: bool = True) -> tuple[str, str | None]:
+    """(number part, unit) when `s` is a number followed by a unit, else (s, None).
+
+    A unit is a known abbreviation or a word of three letters or more that is no mathematical word, so `3 e` and
+    `5 x` stay products of variables while the `e` in `7 weeks` is never read as Euler's number. The number part
+    may hold LaTeX (`\\frac{1}{2}`, `3 \\times 10^{8}`) but no bare letter.
+    """
+    text = _plain(s).replace(" ^", "^")
+    match = _NUMBER_AND_UNIT.fullmatch(text)
+    if match is None or len(text) > 200:
+        return s, None
+    number, unit = match["num"].strip(), match["unit"]
+    if re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+", "", number)) or not re.search(r"\d", number):
+        return s, None
+    if not all(w in _UNIT_ABBREVIATIONS or (len(w) >= 3 and w.lower() not in _NOT_UNITS)
+               for w in re.findall(r"[A-Za-z]+", unit)):
+        return s, None
+    return number, _unit_key(unit)
+
+
+# Mixed numbers: `2 3/4` and `2\frac{3}{4}` are 11/4 (canonical() would make `2 3/4` the number 23/4).
+_MIXED_NUMBER = re.compile(
+    r"\s*(?P<sign>-?)\s*(?P<whole>\d+)(?:\s+(?P<qn>\d+)\s*/\s*(?P<qd>\d+)|\s*\\[dt]?frac\s*\{\s*(?P<fn>\d+)\s*\}"
+    r"\s*\{\s*(?P<fd>\d+)\s*\})\s*"
+)
+
+
+def _mixed_number(s: str) -> str:
+    """A mixed number as an improper fraction. Only a proper fraction after a whole number reads as one: in `2 5/4`
+    or `0 3/4` the reading is unclear, and the answer is left as written (math_verify, not the fast path, decides)."""
+    match = _MIXED_NUMBER.fullmatch(s)
+    if match is None:
+        return s
+    whole, num, den = int(match["whole"]), int(match["qn"] or match["fn"]), int(match["qd"] or match["fd"])
+    if whole == 0 or num == 0 or num >= den or len(s) > 40:
+        return s if match["fn"] else s.replace(" ", "\\,")  # `\,` keeps canonical() from gluing the digits
+    return f"{match['sign']}\\frac{{{whole * den + num}}}{{{den}}}"
+
+
+# A degree sign inside a trigonometric argument: math_verify drops it and computes sin(30) in radians.
+_TRIG_DEGREES = re.compile(
+    r"\\(?P<fn>sin|cos|tan|cot|sec|csc)\s*(?P<open>\\left\(|\()?\s*(?P<deg>-?\d+(?:\.\d+)?)\s*"
+    r"(?:\^\s*(?:\{\s*\\circ\s*\}|\\circ)|°)\s*(?P<close>\\right\)|\))?"
+)
+
+
+def _degrees_in_trig(s: str) -> str:
+    def radians(m):
+        if bool(m["open"]) != bool(m["close"]):
+            return m[0]
+        return f"\\{m['fn']}\\left(\\frac{{{m['deg']}\\pi}}{{180}}\\right)"
+
+    return _TRIG_DEGREES.sub(radians, s) if "\\" in s else s
+
+
+@lru_cache(maxsize=4096)
+def comparable_pair(gold: str, answer: str) -> tuple[str, str, bool | None]:
+    """Gold and answer rewritten where math_verify misreads them, and a verdict when that alone settles it.
+
+    Units: both present and different is a miss (`2 hours` is not `120 minutes`: conservative, no conversions);
+    one side without a unit compares the numbers, as `\\text{}` units always have.
+    """
+    clock = _clock_verdict(gold, answer)
+    if clock is not None:
+        return gold, answer, clock
+    gold, answer = _same_function_names(gold, answer)
+    (gold, gold_unit), (answer, answer_unit) = _split_unit(gold), _split_unit(answer)
+    if gold_unit and answer_unit and gold_unit != answer_unit:
+        return gold, answer, False
+    return _degrees_in_trig(_mixed_number(gold)), _degrees_in_trig(_mixed_number(answer)), None
 
 
 def fast_match(gold: str, answer: str) -> bool | None:
     """True/False when a string or plain-number comparison settles it, None when math_verify must decide."""
+    gold, answer, verdict = comparable_pair(gold, answer)
+    if verdict is not None:
+        return verdict
     g, a = canonical(gold), canonical(answer)
     if not g or not a:
         return None
@@ -399,11 +577,14 @@ def fast_match(gold: str, answer: str) -> bool | None:
     gn, an = _as_rational(g), _as_rational(a)
     if gn is None or an is None:
         return None
-    (gv, g_exact), (av, a_exact) = gn, an
+    (gv, g_kind), (av, a_kind) = gn, an
     if gv == av:
         return True
-    if g_exact and a_exact:
-        return False  # two different exact rationals ("025" == "25" and 2/4 == \frac{1}{2} were caught above)
+    if DECIMAL not in (g_kind, a_kind) or SCIENTIFIC in (g_kind, a_kind):
+        # Two different exact rationals ("025" == "25" and 2/4 == \frac{1}{2} were caught above); scientific
+        # notation states its precision, so it is compared exactly (math_verify's 6-decimal rounding would make
+        # 1.5\times10^{-7} equal 1.6\times10^{-7}).
+        return False
     # math_verify rounds floats (6 decimals, 15 digits): only a gap that rounding cannot close is a sure "no".
     gap = abs(gv - av)
     if gap >= Fraction(2, 10**6) and gap >= max(abs(gv), abs(av)) * Fraction(1, 10**12):
@@ -485,23 +666,66 @@ def _is_false_equation(expr) -> bool:
 def _math_verify_match(golds: tuple, answer: str, timeout_s: int) -> float:
     """1.0 if math_verify finds `answer` equivalent to any gold (gold first: its comparison is asymmetric)."""
     parse, verify, pred_config, _ = _math_verify()
-    pred = parse(
-        "\\boxed{" + answer + "}",
-        extraction_config=pred_config,
-        extraction_mode="first_match",
-        parsing_timeout=timeout_s,
-    )
-    pred = [p for p in pred if not _is_false_equation(p)]
-    if not pred:
-        return 0.0
     for gold in golds:
-        gold_parsed = _parse_gold(gold, timeout_s)
+        gold, pair_answer, verdict = comparable_pair(gold, answer)
+        if verdict is not None:
+            if verdict:
+                return 1.0
+            continue
+        pred = parse(
+            "\\boxed{" + pair_answer + "}",
+            extraction_config=pred_config,
+            extraction_mode="first_match",
+            parsing_timeout=timeout_s,
+        )
+        pred = [p for p in pred if not _is_false_equation(p)]
+        gold_parsed = _parse_gold(gold, timeout_s) if pred else None
         if not gold_parsed:  # an unparseable gold never yields 1
             continue
         for g, p in itertools.product(gold_parsed, pred):
+            g, p = _imaginary_unit(g, p)
+            g, p = _rational_exponents(g), _rational_exponents(p)
             if not _number_vs_variables(g, p) and verify(g, p, timeout_seconds=timeout_s):
                 return 1.0
     return 0.0
+
+
+def _imaginary_unit(gold, pred):
+    """`i` as the imaginary unit when it is the gold's only variable (`3+4i`, `1 + i\\sqrt{3}`) and the answer has no
+    other one. A gold with more variables (`\\omega i`, `x_i`) keeps `i` a variable: too ambiguous to rewrite."""
+    import sympy
+
+    if not (isinstance(gold, sympy.Expr) and isinstance(pred, sympy.Expr)):
+        return gold, pred
+    names = {s.name for s in gold.free_symbols}
+    if names != {"i"} or not {s.name for s in pred.free_symbols} <= names:
+        return gold, pred
+    to_unit = {s: sympy.I for s in gold.free_symbols | pred.free_symbols}
+    return gold.xreplace(to_unit), pred.xreplace(to_unit)
+
+
+def _rational_exponents(expr):
+    """Decimal exponents as the rationals they write (`x^{0.5}` as `x^{1/2}`, `e^{0.5x}` as `e^{x/2}`): sympy cannot
+    prove a float power equal to a rational one. `x^{0.33}` becomes 33/100, still not 1/3."""
+    import sympy
+
+    if not isinstance(expr, sympy.Basic) or not expr.has(sympy.Float):
+        return expr
+
+    def rationalize(e):
+        return e.xreplace({f: sympy.Rational(str(f)) for f in e.atoms(sympy.Float)})
+
+    try:
+        expr = expr.replace(
+            lambda e: isinstance(e, sympy.Pow) and e.exp.has(sympy.Float),
+            lambda e: sympy.Pow(e.base, rationalize(e.exp)),
+        )
+        return expr.replace(
+            lambda e: isinstance(e, sympy.exp) and e.args[0].has(sympy.Float),
+            lambda e: sympy.exp(rationalize(e.args[0])),
+        )
+    except Exception:  # an expression sympy cannot rebuild is compared as it was
+        return expr
 
 
 def _number_vs_variables(gold, pred) -> bool:

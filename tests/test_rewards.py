@@ -181,6 +181,67 @@ def test_non_equivalent_forms_score_zero(answer, gold):
     assert R.verify(f"Hence the answer is $\\boxed{{{answer}}}$.", gold, timeout=CORRECTNESS_TIMEOUT_S) == 0.0
 
 
+# Answer classes math_verify misreads on its own: (answer, gold) pairs, right and wrong, for each class.
+CLASS_RIGHT = {
+    "mixed_number": [("2.75", "2 3/4"), ("\\frac{11}{4}", "2 3/4"), ("2 3/4", "2.75"), ("-2.75", "-2 3/4")],
+    "plain_unit": [("7", "7 days"), ("7\\text{ days}", "7 days"), ("3", "3 weeks"), ("12", "12 m^2"),
+                   ("12\\text{ m}^2", "12 m^2"), ("40", "40 km/h"), ("40 km/h", "40")],
+    "clock_time": [("14:05:00", "14:05"), ("2:05 PM", "14:05"), ("14:05", "2:05 p.m."), ("09:30", "9:30"), ("12:15\\text{ AM}", "00:15")],
+    "trig_degrees": [("\\frac{1}{2}", "\\sin 30^\\circ"), ("0.5", "\\cos(60^{\\circ})"), ("1", "\\tan 45^\\circ"),
+                     ("\\sin 30^\\circ", "\\frac12")],
+    "scientific": [("602000000000000000000000", "6.02 \\times 10^{23}"), ("6.02e23", "6.02 \\times 10^{23}"),
+                   ("0.00000015", "1.5 \\times 10^{-7}"), ("3.2 \\times 10^4", "32000")],
+    "imaginary_unit": [("0.5+0.5i", "\\frac{1+i}{2}"), ("\\sqrt{-1}", "i"), ("2i-1", "-1+2i"),
+                       ("1+\\sqrt{-3}", "1 + i\\sqrt{3}")],
+    "function_name": [("y = 3t+1", "g(t) = 3t+1"), ("f(x) = 2x+1", "y = 2x+1"), ("h(t) = 2t^2", "g(t) = 2t^2")],
+    "float_exponent": [("e^{0.5x}", "e^{x/2}"), ("10^{0.3}", "10^{3/10}"), ("x^{2.5}", "x^{5/2}"),
+                       ("x^{1/2}", "x^{0.5}")],
+}
+CLASS_WRONG = {
+    "mixed_number": [("23/4", "2 3/4"), ("2.5", "2 3/4"), ("1.5", "2 3/4"), ("2.75", "-2 3/4")],
+    "plain_unit": [("8", "7 days"), ("12\\text{ cm}^2", "12 m^2"), ("12 m", "12 m^2"), ("120 minutes", "2 hours"),
+                   ("3e", "3 weeks"), ("3", "3 e")],
+    "clock_time": [("14:06", "14:05"), ("2:05 AM", "14:05"), ("2:05 PM", "2:05"), ("2:05 AM", "2:05"), ("14:05:30", "14:05"),
+                   ("\\frac{14}{5}", "14:05:00")],
+    "trig_degrees": [("\\frac{\\sqrt{3}}{2}", "\\sin 30^\\circ"), ("0.5", "\\cos 30^\\circ"), ("0.5", "\\sin 30"),
+                     ("\\sin 30", "\\sin 30^\\circ")],
+    "scientific": [("0.00000016", "1.5 \\times 10^{-7}"), ("6.03 \\times 10^{23}", "6.02 \\times 10^{23}"),
+                   ("2.78 \\times 10^{-6}", "2.7778 \\times 10^{-6}"), ("3200", "3.2 \\times 10^{4}")],
+    "imaginary_unit": [("0.5-0.5i", "\\frac{1+i}{2}"), ("-1", "i"), ("2i+1", "-1+2i"), ("1", "i^2")],
+    "function_name": [("y = 3t+2", "g(t) = 3t+1"), ("x = 2y+1", "y = 2x+1"), ("g(y) = 2y+1", "f(x) = 2x+1"),
+                      ("f(t) = 2t+1", "f(x) = 2x+1")],
+    "float_exponent": [("x^{0.33}", "x^{1/3}"), ("x^{0.6667}", "x^{2/3}"), ("e^{0.5x}", "e^{x/3}"), ("x^{1.5}", "x^{5/2}")],
+}
+
+
+@pytest.mark.parametrize(
+    "answer,gold", [pytest.param(a, g, id=f"{name}-{i}") for name, pairs in CLASS_RIGHT.items() for i, (a, g) in
+                    enumerate(pairs)]
+)
+def test_answer_classes_right_score_one(answer, gold):
+    assert R.verify(f"So the answer is $\\boxed{{{answer}}}$.", gold, timeout=CORRECTNESS_TIMEOUT_S) == 1.0
+
+
+@pytest.mark.parametrize(
+    "answer,gold", [pytest.param(a, g, id=f"{name}-{i}") for name, pairs in CLASS_WRONG.items() for i, (a, g) in
+                    enumerate(pairs)]
+)
+def test_answer_classes_wrong_score_zero(answer, gold):
+    assert R.verify(f"So the answer is $\\boxed{{{answer}}}$.", gold, timeout=CORRECTNESS_TIMEOUT_S) == 0.0
+
+
+def test_answer_class_rewrites():
+    assert R.comparable_pair("2 3/4", "2.75")[0] == "\\frac{11}{4}"
+    assert R.comparable_pair("7 weeks", "7")[:2] == ("7", "7")  # the word is gone: no `e` left to be Euler's number
+    assert R.comparable_pair("3 e", "3")[0] == "3 e"  # a single letter is a variable, not a unit
+    assert R.comparable_pair("12 m^2", "12 cm^2")[2] is False
+    assert R.comparable_pair("g(t) = 3t+1", "y = 3t+1")[:2] == ("3t+1", "3t+1")
+    assert R.comparable_pair("x = 2", "y = 2")[:2] == ("x = 2", "y = 2")  # two bare names may be two unknowns
+    assert "\\pi" in R.comparable_pair("\\sin 30^\\circ", "0.5")[0]
+    assert R.comparable_pair("90^\\circ", "90")[0] == "90^\\circ"  # outside a trig function the degree sign goes
+    assert R.fast_match("14:05", "2:05 PM") is True and R.fast_match("1:20", "\\frac{1}{20}") is None
+
+
 def test_fast_path_decides_only_what_is_certain():
     assert R.fast_match("\\frac{3}{4}", "0.75") is True
     assert R.fast_match("-\\frac{3}{4}", "\\frac{-3}{4}") is True
