@@ -383,7 +383,9 @@ def test_adversarial_completion_scores_zero_in_time(name, context):
     completion = ADVERSARIAL[name]
     before = R.STATS.snapshot()
     start = time.perf_counter()
-    score = CONTEXTS[context](lambda: R.verify(completion, ADVERSARIAL_GOLD, timeout=DEADLINE_S))
+    score = CONTEXTS[context](
+        lambda: R.verify(completion, ADVERSARIAL_GOLD, timeout=DEADLINE_S, wall_timeout=DEADLINE_S)
+    )
     elapsed = time.perf_counter() - start
     assert score == 0.0
     assert elapsed < DEADLINE_S + MARGIN_S, f"{name} from {context} took {elapsed:.2f}s"
@@ -400,50 +402,77 @@ def test_worker_killed_past_deadline_even_in_c_code(monkeypatch):
     R.start_workers()
     before = R.STATS.snapshot()
     start = time.perf_counter()
-    assert _run_thread(lambda: R.verify("\\boxed{9^{9^9}}", "2", timeout=DEADLINE_S)) == 0.0
+    assert _run_thread(lambda: R.verify("\\boxed{9^{9^9}}", "2", timeout=DEADLINE_S, wall_timeout=DEADLINE_S)) == 0.0
     assert time.perf_counter() - start < DEADLINE_S + MARGIN_S
+    # Without the wall-clock backstop, the worker's own CPU limit (SIGPROF) ends it: a timeout, not a hang.
+    R.start_workers()
+    assert _run_thread(lambda: R.verify("\\boxed{9^{9^9}}", "2", timeout=DEADLINE_S, wall_timeout=60)) == 0.0
+    assert time.perf_counter() - start < 30
     after = R.STATS.snapshot()
-    assert after["timeouts"] + after["errors"] == before["timeouts"] + before["errors"] + 1
+    assert after["timeouts"] == before["timeouts"] + 2
     # The pool recovers: the next hard answer is judged normally.
     R.start_workers()
     assert R.verify("\\boxed{\\sqrt{12}}", "2\\sqrt{3}") == 1.0
+
+
+def test_deadline_counts_cpu_time_not_wall_time():
+    """A correct answer whose worker is starved of CPU (here: stopped for 3 s) still scores 1 under a 2 s deadline;
+    a slow one still times out by its CPU time when the wall-clock backstop is far away."""
+    import signal
+
+    pids = R._worker_pids(CORRECTNESS_TIMEOUT_S)
+    assert len(pids) == R._pool_size()
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault(
+        "score", R.verify("\\boxed{\\sqrt{12}}", "2\\sqrt{3}", timeout=2.0, wall_timeout=30.0)))
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        thread.start()
+        time.sleep(3.0)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    thread.join(30)
+    assert result["score"] == 1.0
+    before = R.STATS.snapshot()
+    slow = ADVERSARIAL["slow_simplify"]
+    assert R.verify(slow, ADVERSARIAL_GOLD, timeout=DEADLINE_S, wall_timeout=30.0) == 0.0
+    assert R.STATS.snapshot()["timeouts"] == before["timeouts"] + 1
 
 
 def test_batch_with_hanging_completion_keeps_the_others():
     R.start_workers()
     completions = ["\\boxed{(x+1)^{5000} - (x+2)^{5000}}", "\\boxed{\\sqrt{12}}", "\\boxed{7}", "\\boxed{1/2}"]
     golds = ["x^2", "2\\sqrt{3}", "7", "0.5"]
-    assert R.verify_batch(completions, golds, timeout=DEADLINE_S) == [0.0, 1.0, 1.0, 1.0]
+    assert R.verify_batch(completions, golds, timeout=DEADLINE_S, wall_timeout=DEADLINE_S) == [0.0, 1.0, 1.0, 1.0]
 
 
 def test_worker_that_died_while_idle_costs_no_answer():
-    R.start_workers()
-    pool = R._pool()
-    for worker in pool.workers:
-        os.kill(worker.pid, 9)  # e.g. the kernel's OOM killer between two batches
+    for pid in R._worker_pids(CORRECTNESS_TIMEOUT_S):
+        os.kill(pid, 9)  # e.g. the kernel's OOM killer between two batches
     time.sleep(0.2)
     completions = ["\\boxed{\\sqrt{12}}", "\\boxed{2\\sqrt{3}}", "\\boxed{\\sqrt{3}}"]
     assert R.verify_batch(completions, ["2\\sqrt{3}"] * 3, timeout=CORRECTNESS_TIMEOUT_S) == [1.0, 1.0, 0.0]
 
 
-def test_broken_worker_install_scores_zero_without_hanging(monkeypatch):
-    """Workers that die on start-up (here: no Python at all) cost their answers, not a hung trainer."""
-    pool = R._WorkerPool(size=2, memory_mb=256)
-    monkeypatch.setattr(sys, "executable", "/bin/false")
+def test_broken_worker_install_scores_zero_without_hanging():
+    """Workers that die on start-up (here: their initializer exits) cost their answers, not a hung trainer."""
+    pool = R._new_pool(2, initializer=os._exit, initargs=(3,))
     start = time.perf_counter()
     try:
-        assert pool.run([(("2",), "\\sqrt{4}")] * 3, timeout_s=DEADLINE_S) == [(0.0, "error")] * 3
+        results = R._run_jobs(pool, 2, [(("2",), "\\sqrt{4}")] * 3, DEADLINE_S, DEADLINE_S)
     finally:
-        monkeypatch.undo()
-        pool.close()
+        pool.stop()
+    assert [score for score, _ in results] == [0.0] * 3
     assert time.perf_counter() - start < 10
 
 
 def test_repeated_answers_in_a_batch_are_judged_once(monkeypatch):
     dispatched = []
-    run = R._WorkerPool.run
-    monkeypatch.setattr(R._WorkerPool, "run", lambda self, jobs, timeout_s: dispatched.append(len(jobs)) or run(
-        self, jobs, timeout_s))
+    run = R._run_jobs
+    monkeypatch.setattr(R, "_run_jobs", lambda pool, size, jobs, *rest: dispatched.append(len(jobs)) or run(
+        pool, size, jobs, *rest))
     completions = ["\\boxed{\\sqrt{12}}"] * 6 + ["\\boxed{\\sqrt{3}}"] * 2  # a GRPO group: 8 samples, 2 answers
     scores = R.verify_batch(completions, ["2\\sqrt{3}"] * 8, timeout=CORRECTNESS_TIMEOUT_S)
     assert scores == [1.0] * 6 + [0.0] * 2
