@@ -21,6 +21,9 @@ rewards report `rewards/timeouts`, `rewards/errors`, `rewards/no_answer` and `re
 through TRL's `log_metric` callback, and also add them to the module-level counters `STATS`
 (`STATS.pop()` reads and resets them, e.g. once per logging step).
 
+Workers start from the standard library's forkserver, which imports the calling script as multiprocessing always
+does: a script that verifies at top level needs the usual `if __name__ == "__main__":` guard.
+
 Public API: `verify`, `verify_batch`, `accuracy_reward`, `think_accuracy_reward`, `format_reward`,
 `REWARD_FUNCS`, `get_reward_funcs`, `STATS` / `RewardStats`, `start_workers`, `shutdown_workers`.
 """
@@ -48,7 +51,7 @@ logger = logging.getLogger(__name__)
 TIMEOUT_S = float(os.environ.get("POLARIS_REWARD_TIMEOUT", "2.0"))  # CPU seconds a worker may spend per completion
 # Wall-clock backstop for a worker that gets no CPU at all (0: WALL_PER_CPU times the CPU deadline).
 WALL_TIMEOUT_S = float(os.environ.get("POLARIS_REWARD_WALL_TIMEOUT", "0"))
-WALL_PER_CPU = 4.0  # a job may wait this many times its CPU deadline on a busy machine before it is killed
+WALL_PER_CPU = 8.0  # a job may wait this long, in multiples of its CPU deadline, on a busy machine
 CPU_KILL_GRACE_S = 0.25  # past the CPU deadline, a job stuck in C code ends its worker (SIGPROF)
 NUM_WORKERS = int(os.environ.get("POLARIS_REWARD_WORKERS", "0"))  # 0 = one per CPU core, at most 8
 WORKER_MEMORY_MB = int(os.environ.get("POLARIS_REWARD_MEMORY_MB", "2048"))  # address space a worker may add

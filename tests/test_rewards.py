@@ -441,6 +441,15 @@ def test_deadline_counts_cpu_time_not_wall_time():
     assert R.STATS.snapshot()["timeouts"] == before["timeouts"] + 1
 
 
+def test_workers_have_a_memory_cap():
+    import resource
+
+    soft, _ = R._pool().schedule(resource.getrlimit, args=(resource.RLIMIT_AS,)).result(timeout=CORRECTNESS_TIMEOUT_S)
+    assert soft != resource.RLIM_INFINITY
+    assert resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY or soft != resource.getrlimit(
+        resource.RLIMIT_AS)[0]  # the cap is the workers', not the caller's
+
+
 def test_batch_with_hanging_completion_keeps_the_others():
     R.start_workers()
     completions = ["\\boxed{(x+1)^{5000} - (x+2)^{5000}}", "\\boxed{\\sqrt{12}}", "\\boxed{7}", "\\boxed{1/2}"]
