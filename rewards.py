@@ -831,7 +831,8 @@ def _wall_limit(cpu_s: float) -> float:
 def _outcome(future) -> tuple[float, str]:
     """A finished job's (score, status); a worker that died at its CPU deadline (SIGPROF) timed out."""
     import signal
-    from concurrent.futures import TimeoutError as FutureTimeout
+    from concurrent.futures import CancelledError, TimeoutError as FutureTimeout
+    from concurrent.futures.process import BrokenProcessPool
 
     from pebble import ProcessExpired
 
@@ -841,8 +842,10 @@ def _outcome(future) -> tuple[float, str]:
         return 0.0, "timeout"
     except ProcessExpired as died:
         return 0.0, "timeout" if died.exitcode in (-signal.SIGPROF, -signal.SIGXCPU) else "error"
-    except BaseException:  # the pool broke (all workers died), a pickling error, a cancelled job
+    except (BrokenProcessPool, CancelledError):  # the pool broke (all workers died) before the job ran
         return 0.0, "broken"
+    except BaseException:  # the job itself failed outside math_verify (e.g. a deadline hit on the way out)
+        return 0.0, "error"
 
 
 def _run_jobs(pool, size: int, jobs: list, cpu_s: float, wall_s: float) -> list[tuple[float, str]]:
