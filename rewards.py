@@ -358,10 +358,10 @@ _CANON_TEXT = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|math
 _CANON_SCRIPT = re.compile(r"([\^_])\{(\w)\}")
 _LEADING_ASSIGNMENT = re.compile(r"[A-Za-z](?:_\w|_\{\w+\})?=(?!=)")
 # Plain rationals in canonical form: 12, -0.5, .5, \frac{3}{4}, \frac{-3}{4}, \frac34, 3/4, and scientific notation
-# 3.2\times10^{4}, 3.2\cdot10^{-3}, 3.2e4 (canonical() has removed the spaces and the braces of one-digit scripts).
+# 3.2\times10^{4}, 3.2\cdot10^{-3}, 3.2e4, 10^{-3} (canonical() has removed the spaces and the braces of one-digit scripts).
 _RATIONAL = re.compile(
     r"(?P<sign>[-+]?)(?:(?P<mant>\d+(?:\.\d*)?|\.\d+)(?:(?:\\times|\\cdot)10\^(?:\{(?P<exb>[-+]?\d{1,3})\}|(?P<exd>\d))"
-    r"|[eE](?P<exe>[-+]?\d{1,3}))|(?P<dec>\d+(?:\.\d*)?|\.\d+)|\\frac\{(?P<fn>[-+]?\d+)\}\{(?P<fd>[-+]?\d+)\}"
+    r"|[eE](?P<exe>[-+]?\d{1,3}))|(?P<power>10\^(?:\{(?P<pexb>[-+]?\d{1,3})\}|(?P<pexd>\d)))|(?P<dec>\d+(?:\.\d*)?|\.\d+)|\\frac\{(?P<fn>[-+]?\d+)\}\{(?P<fd>[-+]?\d+)\}"
     r"|\\frac(?P<sn>\d)(?P<sd>\d)|(?P<qn>\d+)/(?P<qd>\d+))"
 )
 EXACT, DECIMAL, SCIENTIFIC = "exact", "decimal", "scientific"
@@ -384,9 +384,10 @@ def _as_rational(s: str) -> tuple[Fraction, str] | None:
         return None
     groups = match.groupdict()
     try:
-        if groups["mant"] is not None:
-            exponent = int(groups["exb"] or groups["exd"] or groups["exe"])
-            value, kind = Fraction(groups["mant"]) * Fraction(10) ** exponent, SCIENTIFIC
+        if groups["mant"] is not None or groups["power"] is not None:
+            mantissa = Fraction(groups["mant"] or 1)
+            exponent = int(groups["exb"] or groups["exd"] or groups["exe"] or groups["pexb"] or groups["pexd"])
+            value, kind = mantissa * Fraction(10) ** exponent, SCIENTIFIC
         elif groups["dec"] is not None:
             value, kind = Fraction(groups["dec"]), (DECIMAL if "." in groups["dec"] else EXACT)
         else:
@@ -779,6 +780,7 @@ def _judge_in_worker(golds: tuple, answer: str, cpu_s: float) -> tuple[float, st
     """
     import signal
 
+    cpu_s = max(cpu_s, 0.001)  # a zero interval would switch the timer off
     signal.setitimer(signal.ITIMER_VIRTUAL, cpu_s)
     signal.setitimer(signal.ITIMER_PROF, cpu_s + CPU_KILL_GRACE_S)
     try:
