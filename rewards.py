@@ -35,7 +35,6 @@ import math
 import numbers
 import os
 import re
-import sys
 import threading
 import time
 from fractions import Fraction
@@ -835,7 +834,8 @@ def _wall_limit(cpu_s: float) -> float:
 def _outcome(future) -> tuple[float, str]:
     """A finished job's (score, status); a worker that died at its CPU deadline (SIGPROF) timed out."""
     import signal
-    from concurrent.futures import CancelledError, TimeoutError as FutureTimeout
+    from concurrent.futures import CancelledError
+    from concurrent.futures import TimeoutError as FutureTimeout
     from concurrent.futures.process import BrokenProcessPool
 
     from pebble import ProcessExpired
