@@ -883,14 +883,19 @@ def _pool(fresh: bool = False):
         return _POOL
 
 
+_RUN_LOCK = threading.Lock()
+
+
 def _verify_jobs(jobs: list, cpu_s: float, wall_s: float) -> list[tuple[float, str]]:
+    """One caller at a time has the workers, so that another caller's jobs cannot eat into its time budget."""
     size = _pool_size()
-    results = _run_jobs(_pool(), size, jobs, cpu_s, wall_s)
-    broken = [i for i, (_, status) in enumerate(results) if status == "broken"]
-    if broken:  # once, on a fresh pool: these jobs never ran, or ran on a pool that was already gone
-        retried = _run_jobs(_pool(fresh=True), size, [jobs[i] for i in broken], cpu_s, wall_s)
-        for i, result in zip(broken, retried, strict=True):
-            results[i] = result
+    with _RUN_LOCK:
+        results = _run_jobs(_pool(), size, jobs, cpu_s, wall_s)
+        broken = [i for i, (_, status) in enumerate(results) if status == "broken"]
+        if broken:  # once, on a fresh pool: these jobs never ran, or ran on a pool that was already gone
+            retried = _run_jobs(_pool(fresh=True), size, [jobs[i] for i in broken], cpu_s, wall_s)
+            for i, result in zip(broken, retried, strict=True):
+                results[i] = result
     return [(score, "error" if status == "broken" else status) for score, status in results]
 
 
