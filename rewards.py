@@ -4,11 +4,12 @@ The reward is the only teacher in RL for reasoning, so the verifier must be:
 
 * correct: a right answer in another form (`\\dfrac{1}{2}`, `0.5`, `x = 3`, `025`) scores 1, a wrong one 0;
 * safe: nothing in a completion is ever executed, and an unparseable gold answer never scores 1;
-* bounded: every completion is judged within `TIMEOUT_S` seconds (env `POLARIS_REWARD_TIMEOUT`, default 2)
-  from the main thread, another thread or an asyncio loop alike;
+* bounded: every completion gets `TIMEOUT_S` seconds of CPU time (env `POLARIS_REWARD_TIMEOUT`, default 2), so
+  that it scores the same on a busy machine as on a quiet one, and at most `WALL_PER_CPU` times that in wall
+  time, from the main thread, another thread or an asyncio loop alike;
 * fast: a normalised-string / exact-rational path decides most completions in microseconds; only the rest
-  go to math_verify, in a pool of worker processes (one per core, at most 8; forked in milliseconds from a
-  warmed-up template process) where a worker that overruns its deadline is killed and replaced.
+  go to math_verify, in a pebble ProcessPool (one worker per core, at most 8, forked from the standard library's
+  forkserver with math_verify preloaded) where a worker that overruns its deadline ends or is killed and replaced.
 
 Usage with GRPOTrainer (weights come from `GRPOConfig.reward_weights`, in the same order as the names):
 
@@ -20,11 +21,13 @@ rewards report `rewards/timeouts`, `rewards/errors`, `rewards/no_answer` and `re
 through TRL's `log_metric` callback, and also add them to the module-level counters `STATS`
 (`STATS.pop()` reads and resets them, e.g. once per logging step).
 
+Workers start from the standard library's forkserver, which imports the calling script as multiprocessing always
+does: a script that verifies at top level needs the usual `if __name__ == "__main__":` guard.
+
 Public API: `verify`, `verify_batch`, `accuracy_reward`, `think_accuracy_reward`, `format_reward`,
 `REWARD_FUNCS`, `get_reward_funcs`, `STATS` / `RewardStats`, `start_workers`, `shutdown_workers`.
 """
 
-import atexit
 import importlib
 import itertools
 import logging
@@ -32,13 +35,10 @@ import math
 import numbers
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from fractions import Fraction
 from functools import lru_cache
-from multiprocessing.connection import Connection, wait
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,11 @@ logger = logging.getLogger(__name__)
 # Settings: module attributes or environment variables (pool size and memory apply when the pool starts)
 # ---------------------------------------------------------------------------------------------------------------
 
-TIMEOUT_S = float(os.environ.get("POLARIS_REWARD_TIMEOUT", "2.0"))  # per completion, from dispatch to verdict
+TIMEOUT_S = float(os.environ.get("POLARIS_REWARD_TIMEOUT", "2.0"))  # CPU seconds a worker may spend per completion
+# Wall-clock backstop for a worker that gets no CPU at all (0: WALL_PER_CPU times the CPU deadline).
+WALL_TIMEOUT_S = float(os.environ.get("POLARIS_REWARD_WALL_TIMEOUT", "0"))
+WALL_PER_CPU = 8.0  # a job may wait this long, in multiples of its CPU deadline, on a busy machine
+CPU_KILL_GRACE_S = 0.25  # past the CPU deadline, a job stuck in C code ends its worker (SIGPROF)
 NUM_WORKERS = int(os.environ.get("POLARIS_REWARD_WORKERS", "0"))  # 0 = one per CPU core, at most 8
 WORKER_MEMORY_MB = int(os.environ.get("POLARIS_REWARD_MEMORY_MB", "2048"))  # address space a worker may add
 WORKER_STARTUP_S = 120.0  # a worker that cannot import math_verify in this time is broken, not slow
@@ -352,11 +356,14 @@ _CANON_NOISE = re.compile(r"\\left(?![a-zA-Z])|\\right(?![a-zA-Z])|\\displaystyl
 _CANON_TEXT = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mbox)\{([^{}]*)\}")
 _CANON_SCRIPT = re.compile(r"([\^_])\{(\w)\}")
 _LEADING_ASSIGNMENT = re.compile(r"[A-Za-z](?:_\w|_\{\w+\})?=(?!=)")
-# Plain rationals in canonical form: 12, -0.5, .5, \frac{3}{4}, \frac{-3}{4}, \frac34, 3/4.
+# Plain rationals in canonical form: 12, -0.5, .5, \frac{3}{4}, \frac{-3}{4}, \frac34, 3/4, and scientific notation
+# 3.2\times10^{4}, 3.2\cdot10^{-3}, 3.2e4, 10^{-3} (canonical() has removed the spaces and the braces of one-digit scripts).
 _RATIONAL = re.compile(
-    r"(?P<sign>[-+]?)(?:(?P<dec>\d+(?:\.\d*)?|\.\d+)|\\frac\{(?P<fn>[-+]?\d+)\}\{(?P<fd>[-+]?\d+)\}"
+    r"(?P<sign>[-+]?)(?:(?P<mant>\d+(?:\.\d*)?|\.\d+)(?:(?:\\times|\\cdot)10\^(?:\{(?P<exb>[-+]?\d{1,3})\}|(?P<exd>\d))"
+    r"|[eE](?P<exe>[-+]?\d{1,3}))|(?P<power>10\^(?:\{(?P<pexb>[-+]?\d{1,3})\}|(?P<pexd>\d)))|(?P<dec>\d+(?:\.\d*)?|\.\d+)|\\frac\{(?P<fn>[-+]?\d+)\}\{(?P<fd>[-+]?\d+)\}"
     r"|\\frac(?P<sn>\d)(?P<sd>\d)|(?P<qn>\d+)/(?P<qd>\d+))"
 )
+EXACT, DECIMAL, SCIENTIFIC = "exact", "decimal", "scientific"
 
 
 @lru_cache(maxsize=4096)
@@ -369,26 +376,202 @@ def canonical(s: str) -> str:
     return s.rstrip(".")
 
 
-def _as_rational(s: str) -> tuple[Fraction, bool] | None:
-    """(value, exact) for a plain rational; exact is False for decimals, which math_verify compares rounded."""
+def _as_rational(s: str) -> tuple[Fraction, str] | None:
+    """(value, kind) for a plain number; kind is EXACT, DECIMAL (math_verify compares it rounded) or SCIENTIFIC."""
     match = _RATIONAL.fullmatch(s)
     if match is None or len(s) > 100:
         return None
     groups = match.groupdict()
     try:
-        if groups["dec"] is not None:
-            value, exact = Fraction(groups["dec"]), "." not in groups["dec"]
+        if groups["mant"] is not None or groups["power"] is not None:
+            mantissa = Fraction(groups["mant"] or 1)
+            exponent = int(groups["exb"] or groups["exd"] or groups["exe"] or groups["pexb"] or groups["pexd"])
+            value, kind = mantissa * Fraction(10) ** exponent, SCIENTIFIC
+        elif groups["dec"] is not None:
+            value, kind = Fraction(groups["dec"]), (DECIMAL if "." in groups["dec"] else EXACT)
         else:
             num = groups["fn"] or groups["sn"] or groups["qn"]
             den = groups["fd"] or groups["sd"] or groups["qd"]
-            value, exact = Fraction(int(num), int(den)), True
+            value, kind = Fraction(int(num), int(den)), EXACT
     except (ValueError, ZeroDivisionError):
         return None
-    return (-value if groups["sign"] == "-" else value), exact
+    return (-value if groups["sign"] == "-" else value), kind
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Answer classes math_verify misreads, rewritten (for the fast path and the workers alike) or decided outright
+# ---------------------------------------------------------------------------------------------------------------
+
+_TEXT_WRAPPER = re.compile(r"\\(?:text|textrm|textnormal|mathrm|mbox)\s*\{([^{}]*)\}")
+_LATEX_SPACE = re.compile(r"\\[,;:! ]|~|\$")
+
+
+def _plain(s: str) -> str:
+    """`\\text{}` wrappers opened, LaTeX spacing as spaces, runs of spaces as one."""
+    return " ".join(_LATEX_SPACE.sub(" ", _TEXT_WRAPPER.sub(r" \1 ", s)).split())
+
+
+# Clock times: 14:05, 14:05:00, 2:05 PM, 2:05 p.m.
+_CLOCK = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?(?:\s*(?P<half>[aApP])\.?\s*[mM]\.?)?")
+
+
+def _clock(s: str):
+    """(seconds after midnight, has AM/PM, hour as written) for a clock time, else None."""
+    match = _CLOCK.fullmatch(_plain(s))
+    if match is None:
+        return None
+    hour, minute, second = int(match[1]), int(match[2]), int(match[3] or 0)
+    half = (match["half"] or "").lower()
+    if minute > 59 or second > 59 or hour > (12 if half else 23) or (half and hour == 0):
+        return None
+    hour24 = hour % 12 + 12 * (half == "p") if half else hour
+    return hour24 * 3600 + minute * 60 + second, bool(half), hour, match[3] is not None
+
+
+def _clock_verdict(gold: str, answer: str) -> bool | None:
+    """Clock times compared as times (math_verify reads 14:05 as the ratio 14/5).
+
+    Ambiguity: `2:05` without AM/PM against `2:05 AM` or `2:05 PM` could be either half of the day, so it is not a
+    match (conservative); `14:05` against `2:05 PM` is. A gold that can only be a time (seconds, AM/PM or an hour
+    past 12) against an answer that is not a time is a miss; `1:20` may be a ratio and goes on as before.
+    """
+    g = _clock(gold)
+    if g is None:
+        return None
+    a = _clock(answer)
+    if a is None:
+        return False if (g[1] or g[3] or g[2] > 12) else None
+    for plain, halved in ((g, a), (a, g)):
+        if halved[1] and not plain[1] and 1 <= plain[2] <= 12:
+            return False
+    return g[0] == a[0]
+
+
+# Equations naming the same function differently: `g(t) = 3t+1` against `y = 3t+1`.
+_NAMED_EQUATION = re.compile(
+    r"\s*(?P<name>[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?\s*(?:(?:\\left)?\(\s*(?P<arg>[A-Za-z])\s*(?:\\right)?\))?"
+    r"\s*=(?P<rhs>[^=<>,;]+)"
+)
+
+
+def _same_function_names(gold: str, answer: str) -> tuple[str, str]:
+    """Right-hand sides only, when both sides define one function and at least one names its argument.
+
+    Two bare names (`x = 2` against `y = 2`) are left to math_verify: they may name different unknowns.
+    `f(x)` against `f(t)` too: the variable differs, so the right-hand sides differ.
+    """
+    g, a = _NAMED_EQUATION.fullmatch(gold), _NAMED_EQUATION.fullmatch(answer)
+    if g is None or a is None or not (g["arg"] or a["arg"]):
+        return gold, answer
+    if g["arg"] and a["arg"] and g["arg"] != a["arg"]:
+        return gold, answer
+    if (not g["arg"] and g["name"] == a["arg"]) or (not a["arg"] and a["name"] == g["arg"]):
+        return gold, answer  # `t = 3t+1` is an equation in t, not a function of it
+    return g["rhs"].strip(), a["rhs"].strip()
+
+
+# Units written as plain text: `7 days`, `12 m^2`, `40 km/h`, `3 square units` (and `\text{}` ones in answers).
+_UNIT_ABBREVIATIONS = frozenset(
+    "m cm mm km s ms ns g kg mg h hr hrs min mL ml in ft yd mi lb lbs oz mph kph Hz kHz MHz GHz kW kWh eV keV MeV "
+    "nm um mol Pa kPa atm K".split()
+)
+_NOT_UNITS = frozenset(
+    "and or mod pmod sin cos tan cot sec csc log ln exp max min gcd lcm lim det arg inf sup not for all any are the "
+    "with where when if then no none yes true false undefined".split()
+)
+_UNIT_WORD = r"[A-Za-z]+(?:\^\{?[23]\}?)?"
+_NUMBER_AND_UNIT = re.compile(
+    rf"(?P<num>.*?[\d}}.])\s*(?P<unit>{_UNIT_WORD}(?:(?:\s+|\s*/\s*){_UNIT_WORD}){{0,2}})"
+)
+
+
+def _unit_key(unit: str) -> str:
+    words = []
+    for word in re.findall(r"[A-Za-z]+|\^\{?[23]\}?|/", unit):
+        if len(word) >= 3 and word.isalpha():
+            word = word.lower()
+            word = word[:-1] if len(word) >= 4 and word.endswith("s") else word  # days = day
+        words.append(word.replace("{", "").replace("}", ""))
+    return " ".join(words)
+
+
+def _split_unit(s: str, plain_needs_space: bool = True) -> tuple[str, str | None]:
+    """(number part, unit) when `s` is a number followed by a unit, else (s, None).
+
+    A unit is a known abbreviation or a word of three letters or more that is no mathematical word, so `3 e` and
+    `5 x` stay products of variables while the `e` in `7 weeks` is never read as Euler's number. The number part
+    may hold LaTeX (`\\frac{1}{2}`, `3 \\times 10^{8}`) but no bare letter.
+    """
+    text = _plain(s).replace(" ^", "^")
+    match = _NUMBER_AND_UNIT.fullmatch(text)
+    if match is None or len(text) > 200:
+        return s, None
+    number, unit = match["num"].strip(), match["unit"]
+    if re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+", "", number)) or not re.search(r"\d", number):
+        return s, None
+    if not all(w in _UNIT_ABBREVIATIONS or (len(w) >= 3 and w.lower() not in _NOT_UNITS)
+               for w in re.findall(r"[A-Za-z]+", unit)):
+        return s, None
+    return number, _unit_key(unit)
+
+
+# Mixed numbers: `2 3/4` and `2\frac{3}{4}` are 11/4 (canonical() would make `2 3/4` the number 23/4).
+_MIXED_NUMBER = re.compile(
+    r"\s*(?P<sign>-?)\s*(?P<whole>\d+)(?:\s+(?P<qn>\d+)\s*/\s*(?P<qd>\d+)|\s*\\[dt]?frac\s*\{\s*(?P<fn>\d+)\s*\}"
+    r"\s*\{\s*(?P<fd>\d+)\s*\})\s*"
+)
+
+
+def _mixed_number(s: str) -> str:
+    """A mixed number as an improper fraction. Only a proper fraction after a whole number reads as one: in `2 5/4`
+    or `0 3/4` the reading is unclear, and the answer is left as written (math_verify, not the fast path, decides)."""
+    match = _MIXED_NUMBER.fullmatch(s)
+    if match is None:
+        return s
+    whole, num, den = int(match["whole"]), int(match["qn"] or match["fn"]), int(match["qd"] or match["fd"])
+    if whole == 0 or num == 0 or num >= den or len(s) > 40:
+        return s if match["fn"] else s.replace(" ", "\\,")  # `\,` keeps canonical() from gluing the digits
+    return f"{match['sign']}\\frac{{{whole * den + num}}}{{{den}}}"
+
+
+# A degree sign inside a trigonometric argument: math_verify drops it and computes sin(30) in radians.
+_TRIG_DEGREES = re.compile(
+    r"\\(?P<fn>sin|cos|tan|cot|sec|csc)\s*(?P<open>\\left\(|\()?\s*(?P<deg>-?\d+(?:\.\d+)?)\s*"
+    r"(?:\^\s*(?:\{\s*\\circ\s*\}|\\circ)|°)\s*(?P<close>\\right\)|\))?"
+)
+
+
+def _degrees_in_trig(s: str) -> str:
+    def radians(m):
+        if bool(m["open"]) != bool(m["close"]):
+            return m[0]
+        return f"\\{m['fn']}\\left(\\frac{{{m['deg']}\\pi}}{{180}}\\right)"
+
+    return _TRIG_DEGREES.sub(radians, s) if "\\" in s else s
+
+
+@lru_cache(maxsize=4096)
+def comparable_pair(gold: str, answer: str) -> tuple[str, str, bool | None]:
+    """Gold and answer rewritten where math_verify misreads them, and a verdict when that alone settles it.
+
+    Units: both present and different is a miss (`2 hours` is not `120 minutes`: conservative, no conversions);
+    one side without a unit compares the numbers, as `\\text{}` units always have.
+    """
+    clock = _clock_verdict(gold, answer)
+    if clock is not None:
+        return gold, answer, clock
+    gold, answer = _same_function_names(gold, answer)
+    (gold, gold_unit), (answer, answer_unit) = _split_unit(gold), _split_unit(answer)
+    if gold_unit and answer_unit and gold_unit != answer_unit:
+        return gold, answer, False
+    return _degrees_in_trig(_mixed_number(gold)), _degrees_in_trig(_mixed_number(answer)), None
 
 
 def fast_match(gold: str, answer: str) -> bool | None:
     """True/False when a string or plain-number comparison settles it, None when math_verify must decide."""
+    gold, answer, verdict = comparable_pair(gold, answer)
+    if verdict is not None:
+        return verdict
     g, a = canonical(gold), canonical(answer)
     if not g or not a:
         return None
@@ -399,11 +582,14 @@ def fast_match(gold: str, answer: str) -> bool | None:
     gn, an = _as_rational(g), _as_rational(a)
     if gn is None or an is None:
         return None
-    (gv, g_exact), (av, a_exact) = gn, an
+    (gv, g_kind), (av, a_kind) = gn, an
     if gv == av:
         return True
-    if g_exact and a_exact:
-        return False  # two different exact rationals ("025" == "25" and 2/4 == \frac{1}{2} were caught above)
+    if DECIMAL not in (g_kind, a_kind) or SCIENTIFIC in (g_kind, a_kind):
+        # Two different exact rationals ("025" == "25" and 2/4 == \frac{1}{2} were caught above); scientific
+        # notation states its precision, so it is compared exactly (math_verify's 6-decimal rounding would make
+        # 1.5\times10^{-7} equal 1.6\times10^{-7}).
+        return False
     # math_verify rounds floats (6 decimals, 15 digits): only a gap that rounding cannot close is a sure "no".
     gap = abs(gv - av)
     if gap >= Fraction(2, 10**6) and gap >= max(abs(gv), abs(av)) * Fraction(1, 10**12):
@@ -412,7 +598,8 @@ def fast_match(gold: str, answer: str) -> bool | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Worker processes: math_verify runs in each worker's main thread, the parent enforces the deadline
+# Worker processes: pebble's ProcessPool on the standard library's forkserver; math_verify in each worker's
+# main thread, under a CPU-time deadline that the worker enforces itself
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -424,21 +611,6 @@ def _limit_resources(memory_mb: int) -> None:
             current = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
         limit = current + memory_mb * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    except (OSError, ValueError):
-        pass
-
-
-def _limit_cpu(seconds: float) -> None:
-    """Per-job CPU cap: a worker stuck in C code (a huge GMP power) dies by SIGXCPU even if the parent is gone."""
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    soft = int(usage.ru_utime + usage.ru_stime + seconds) + 1
-    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
-    if hard != resource.RLIM_INFINITY:
-        soft = min(soft, hard)
-    try:
-        resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
     except (OSError, ValueError):
         pass
 
@@ -463,9 +635,9 @@ def _math_verify():
 
 
 @lru_cache(maxsize=4096)
-def _parse_gold(gold: str, timeout_s: int):
+def _parse_gold(gold: str):
     parse, _, _, gold_config = _math_verify()
-    return parse(f"${gold}$", extraction_config=gold_config, parsing_timeout=timeout_s)
+    return parse(f"${gold}$", extraction_config=gold_config, parsing_timeout=None)
 
 
 def _is_false_equation(expr) -> bool:
@@ -482,26 +654,72 @@ def _is_false_equation(expr) -> bool:
     return abs(difference) > 1e-9 * scale
 
 
-def _math_verify_match(golds: tuple, answer: str, timeout_s: int) -> float:
-    """1.0 if math_verify finds `answer` equivalent to any gold (gold first: its comparison is asymmetric)."""
+def _math_verify_match(golds: tuple, answer: str) -> float:
+    """1.0 if math_verify finds `answer` equivalent to any gold (gold first: its comparison is asymmetric).
+
+    math_verify's own timeouts (signal.alarm, wall time) are off: the worker's CPU deadline bounds the whole job.
+    """
     parse, verify, pred_config, _ = _math_verify()
-    pred = parse(
-        "\\boxed{" + answer + "}",
-        extraction_config=pred_config,
-        extraction_mode="first_match",
-        parsing_timeout=timeout_s,
-    )
-    pred = [p for p in pred if not _is_false_equation(p)]
-    if not pred:
-        return 0.0
     for gold in golds:
-        gold_parsed = _parse_gold(gold, timeout_s)
+        gold, pair_answer, verdict = comparable_pair(gold, answer)
+        if verdict is not None:
+            if verdict:
+                return 1.0
+            continue
+        pred = parse(
+            "\\boxed{" + pair_answer + "}",
+            extraction_config=pred_config,
+            extraction_mode="first_match",
+            parsing_timeout=None,
+        )
+        pred = [p for p in pred if not _is_false_equation(p)]
+        gold_parsed = _parse_gold(gold) if pred else None
         if not gold_parsed:  # an unparseable gold never yields 1
             continue
         for g, p in itertools.product(gold_parsed, pred):
-            if not _number_vs_variables(g, p) and verify(g, p, timeout_seconds=timeout_s):
+            g, p = _imaginary_unit(g, p)
+            g, p = _rational_exponents(g), _rational_exponents(p)
+            if not _number_vs_variables(g, p) and verify(g, p, timeout_seconds=None):
                 return 1.0
     return 0.0
+
+
+def _imaginary_unit(gold, pred):
+    """`i` as the imaginary unit when it is the gold's only variable (`3+4i`, `1 + i\\sqrt{3}`) and the answer has no
+    other one. A gold with more variables (`\\omega i`, `x_i`) keeps `i` a variable: too ambiguous to rewrite."""
+    import sympy
+
+    if not (isinstance(gold, sympy.Expr) and isinstance(pred, sympy.Expr)):
+        return gold, pred
+    names = {s.name for s in gold.free_symbols}
+    if names != {"i"} or not {s.name for s in pred.free_symbols} <= names:
+        return gold, pred
+    to_unit = {s: sympy.I for s in gold.free_symbols | pred.free_symbols}
+    return gold.xreplace(to_unit), pred.xreplace(to_unit)
+
+
+def _rational_exponents(expr):
+    """Decimal exponents as the rationals they write (`x^{0.5}` as `x^{1/2}`, `e^{0.5x}` as `e^{x/2}`): sympy cannot
+    prove a float power equal to a rational one. `x^{0.33}` becomes 33/100, still not 1/3."""
+    import sympy
+
+    if not isinstance(expr, sympy.Basic) or not expr.has(sympy.Float):
+        return expr
+
+    def rationalize(e):
+        return e.xreplace({f: sympy.Rational(str(f)) for f in e.atoms(sympy.Float)})
+
+    try:
+        expr = expr.replace(
+            lambda e: isinstance(e, sympy.Pow) and e.exp.has(sympy.Float),
+            lambda e: sympy.Pow(e.base, rationalize(e.exp)),
+        )
+        return expr.replace(
+            lambda e: isinstance(e, sympy.exp) and e.args[0].has(sympy.Float),
+            lambda e: sympy.exp(rationalize(e.args[0])),
+        )
+    except Exception:  # an expression sympy cannot rebuild is compared as it was
+        return expr
 
 
 def _number_vs_variables(gold, pred) -> bool:
@@ -528,288 +746,183 @@ def _quiet_math_verify_logs() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def _worker_loop(job_fd: int, result_fd: int, memory_mb: int) -> None:
-    """A worker: read (job_id, golds, answer, timeout) and answer (job_id, score, status) until the parent leaves."""
-    from math_verify.errors import TimeoutException
-
-    jobs = Connection(job_fd, writable=False)
-    results = Connection(result_fd, readable=False)
-    _limit_resources(memory_mb)
-    results.send(("ready", os.getpid()))
-    while True:
-        try:
-            job_id, golds, answer, timeout_s = jobs.recv()
-        except (EOFError, OSError):
-            return  # the parent is gone or gave up on us
-        # The parent kills us at the deadline; math_verify's own alarm (a second later) and the CPU cap are
-        # backstops for a worker whose parent died mid-job.
-        _limit_cpu(2 * timeout_s + 5)
-        try:
-            score, status = _math_verify_match(golds, answer, timeout_s + 1), "ok"
-        except (Exception, TimeoutException):  # MemoryError and RecursionError included
-            score, status = 0.0, "error"
-        try:
-            results.send((job_id, score, status))
-        except (EOFError, OSError):
-            return
+class _CpuDeadline(BaseException):
+    """A job used its CPU time. A BaseException, so that math_verify's `except Exception` cannot swallow it."""
 
 
-def _zygote_main(control_fd: int, memory_mb: int) -> None:
-    """A warmed-up template process that forks a ready worker for each request (a worker in ~10 ms, not seconds).
+def _on_cpu_deadline(signum, frame):
+    raise _CpuDeadline()
 
-    Each request carries the worker's two pipe ends; the zygote is single-threaded, so forking it is safe.
+
+def _init_worker(memory_mb: int) -> None:
+    """Runs once in each new worker, before it takes a job: memory cap, quiet logs, warm caches.
+
+    The forkserver has imported sympy and math_verify; the warm-up builds the LaTeX parser and triggers simplify's
+    lazy imports (~0.3 s of CPU) so that no job pays for them against its deadline.
     """
     import signal
-    import socket
 
-    control = socket.socket(fileno=control_fd)
+    _limit_resources(memory_mb)
     _quiet_math_verify_logs()
-    # Import sympy, build the LaTeX parser and trigger simplify's lazy imports (sympy.physics.units alone takes
-    # ~0.5 s) once, here, so that no worker pays for them against a deadline.
+    signal.signal(signal.SIGVTALRM, _on_cpu_deadline)
     for golds, answer in _WARM_UP:
-        _math_verify_match(golds, answer, 10)
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped automatically
-    while True:
-        try:
-            message, fds, _, _ = socket.recv_fds(control, 16, 2)
-        except OSError:
-            return
-        if not message:
-            return  # the parent is gone
-        if len(fds) != 2:
-            for fd in fds:
-                os.close(fd)
-            continue
-        if os.fork() == 0:
-            control.close()
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            try:
-                _worker_loop(fds[0], fds[1], memory_mb)
-            finally:
-                os._exit(0)
-        for fd in fds:
-            os.close(fd)
+        _math_verify_match(golds, answer)
 
 
-class _Zygote:
-    def __init__(self, memory_mb: int):
-        import socket
+def _judge_in_worker(golds: tuple, answer: str, cpu_s: float) -> tuple[float, str]:
+    """(score, status) for one job, within `cpu_s` seconds of this worker's CPU time.
 
-        module_dir = os.path.dirname(os.path.abspath(__file__))
-        module_name = os.path.splitext(os.path.basename(__file__))[0]
-        self.control, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        code = (
-            f"import sys; sys.path.insert(0, {module_dir!r}); "
-            f"from {module_name} import _zygote_main; _zygote_main({child_end.fileno()}, {memory_mb})"
-        )
-        # A fresh interpreter (not a fork of the trainer): its threads, CUDA state and __main__ stay out.
-        # -P keeps the current directory off sys.path, so a stray sympy.py there cannot be imported.
-        safe_path = ["-P"] if sys.version_info >= (3, 11) else []
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, *safe_path, "-c", code],
-                pass_fds=(child_end.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-            )
-        except BaseException:
-            self.control.close()
-            raise
-        finally:
-            child_end.close()
+    The deadline counts CPU, not wall time, so a correct answer scores the same on a busy machine as on a quiet one:
+    ITIMER_VIRTUAL raises in Python code; ITIMER_PROF, a little later, ends the process (SIGPROF's default action)
+    when the job is stuck in C code (a huge GMP power) where no Python handler can run. The parent's wall-clock
+    limit (pebble's per-task timeout) is the backstop for a worker that gets no CPU at all.
+    """
+    import signal
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def request_worker(self, job_r: int, result_w: int) -> None:
-        import socket
-
-        socket.send_fds(self.control, [b"w"], [job_r, result_w])
-
-    def close(self) -> None:
-        self.control.close()
-        try:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-        except Exception:
-            pass
+    cpu_s = max(cpu_s, 0.001)  # a zero interval would switch the timer off
+    signal.setitimer(signal.ITIMER_VIRTUAL, cpu_s)
+    signal.setitimer(signal.ITIMER_PROF, cpu_s + CPU_KILL_GRACE_S)
+    try:
+        return _math_verify_match(golds, answer), "ok"
+    except _CpuDeadline:
+        return 0.0, "timeout"
+    except Exception:  # MemoryError and RecursionError included
+        return 0.0, "error"
+    finally:
+        signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+        signal.setitimer(signal.ITIMER_PROF, 0)
 
 
-class _Worker:
-    """The parent's handle on one worker: its two pipes, and its pid once it has said "ready"."""
-
-    def __init__(self, jobs: Connection, results: Connection):
-        self.jobs = jobs
-        self.results = results
-        self.pid = None
-        self.ready = False
-        self.started = time.monotonic()
-        self.job = None  # index of the job in flight
-        self.deadline = 0.0
-
-    def kill(self) -> None:
-        # Only a worker that said "ready" has a pid, and one is killed only while it still owes an answer (alive).
-        # Closing the pipes ends every other worker: it exits when it reads end-of-file.
-        if self.pid is not None and self.job is not None:
-            try:
-                os.kill(self.pid, 9)
-            except OSError:
-                pass
-        for conn in (self.jobs, self.results):
-            try:
-                conn.close()
-            except Exception:
-                pass
+def _worker_pid() -> int:
+    time.sleep(0.05)  # long enough that each idle worker takes one of the pings sent at once
+    return os.getpid()
 
 
-class _WorkerPool:
-    def __init__(self, size: int, memory_mb: int):
-        self.size = size
-        self.memory_mb = memory_mb
-        self.pid = os.getpid()
-        self.lock = threading.Lock()
-        self.zygote: _Zygote | None = None
-        self.workers: list[_Worker] = []
-        self.failed_starts = 0  # workers that died before "ready": a broken install, not a hard completion
+def _forkserver_context():
+    """The standard library's forkserver: a fresh interpreter (not a fork of the trainer: its threads, CUDA state
+    and locks stay out) that imports the verifier once and forks each worker from that state in milliseconds.
 
-    def _new_worker(self) -> _Worker:
-        job_r, job_w = os.pipe()
-        result_r, result_w = os.pipe()
-        try:
-            if self.zygote is None or not self.zygote.alive():
-                if self.zygote is not None:
-                    self.zygote.close()
-                self.zygote = _Zygote(self.memory_mb)
-            self.zygote.request_worker(job_r, result_w)
-        except OSError:  # the zygote died: this worker never starts (EOF below) and the next call makes a new one
-            logger.warning("reward worker template process is gone; restarting it", exc_info=True)
-            if self.zygote is not None:
-                self.zygote.close()
-                self.zygote = None
-        finally:
-            os.close(job_r)
-            os.close(result_w)
-        return _Worker(Connection(job_w, readable=False), Connection(result_r, writable=False))
+    `__main__` is preloaded too, as multiprocessing does by default: otherwise every worker would import the
+    calling script again. Its imports come along: under train_grpo.py (torch) the forkserver starts in ~7 s instead
+    of ~1.5 s, once per run, and forks from a process where torch has started a native thread that workers never
+    use. The forkserver is one per process; if something else started it first, workers import math_verify
+    themselves (slower start, same results).
+    """
+    import multiprocessing
 
-    def start(self) -> None:
-        while len(self.workers) < self.size:
-            self.workers.append(self._new_worker())
-
-    def wait_ready(self, timeout: float) -> bool:
-        with self.lock:
-            self.start()
-            end = time.monotonic() + timeout
-            while not all(w.ready for w in self.workers) and time.monotonic() < end and not self.broken():
-                self._poll(end - time.monotonic(), results=None)
-            return all(w.ready for w in self.workers)
-
-    def broken(self) -> bool:
-        return self.failed_starts > 2 * self.size + 2 and not any(w.ready for w in self.workers)
-
-    def _replace(self, worker: _Worker) -> None:
-        if not worker.ready:
-            self.failed_starts += 1
-        worker.kill()
-        self.workers[self.workers.index(worker)] = self._new_worker()
-
-    def _poll(self, timeout: float, results) -> None:
-        """Wait for messages from any worker for at most `timeout` seconds and handle them."""
-        by_conn = {w.results: w for w in self.workers}
-        for conn in wait(list(by_conn), timeout=max(timeout, 0.0)):
-            worker = by_conn[conn]
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):  # the worker died (memory limit, CPU cap, crash) or never started
-                if worker.job is not None and results is not None:
-                    results[worker.job] = (0.0, "error")
-                worker.job = None  # nothing left to kill
-                self._replace(worker)
-                continue
-            if message[0] == "ready":
-                worker.ready, worker.pid = True, message[1]
-                self.failed_starts = 0
-            elif results is not None and message[0] == worker.job:
-                results[worker.job] = (message[1], message[2])
-                worker.job = None
-
-    def run(self, jobs: list, timeout_s: float) -> list:
-        """Judge (golds, answer) jobs in parallel; each gets `timeout_s` from the moment a worker takes it."""
-        results = [None] * len(jobs)
-        pending = list(range(len(jobs)))[::-1]
-        with self.lock:
-            self.start()
-            for worker in list(self.workers):
-                if worker.job is not None:  # left over from a call that was interrupted: its answer is stale
-                    self._replace(worker)
-            alarm_s = max(1, math.ceil(timeout_s))
-            while True:
-                now = time.monotonic()
-                for worker in list(self.workers):
-                    if worker.job is not None and now > worker.deadline:  # overran: kill, score 0
-                        results[worker.job] = (0.0, "timeout")
-                        self._replace(worker)
-                    elif not worker.ready and now - worker.started > WORKER_STARTUP_S:
-                        logger.error("reward worker did not start in %.0fs; restarting it", WORKER_STARTUP_S)
-                        self._replace(worker)
-                for worker in self.workers:
-                    if worker.ready and worker.job is None and pending:
-                        index = pending.pop()
-                        golds, answer = jobs[index]
-                        try:
-                            worker.jobs.send((index, golds, answer, alarm_s))
-                        except (OSError, ValueError):  # died while idle: requeue the job, start a fresh one
-                            pending.append(index)
-                            self._replace(worker)
-                            continue
-                        worker.job, worker.deadline = index, time.monotonic() + timeout_s
-                busy = [w.deadline for w in self.workers if w.job is not None]
-                if not busy and not pending:
-                    break
-                if not busy and self.broken():  # nothing can ever run these jobs
-                    logger.error("reward workers keep dying before they are ready; scoring %d answers 0", len(pending))
-                    break
-                wait_s = (min(busy) - time.monotonic()) if busy else 0.5
-                self._poll(min(wait_s, 0.5) + 0.001, results)
-        return [r if r is not None else (0.0, "error") for r in results]
-
-    def close(self) -> None:
-        if os.getpid() != self.pid:  # a forked child must not kill its parent's workers
-            return
-        with self.lock:
-            for worker in self.workers:
-                worker.kill()
-            self.workers = []
-            if self.zygote is not None:
-                self.zygote.close()
-                self.zygote = None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", __name__, "sympy", "math_verify", "latex2sympy2_extended"])
+    return context
 
 
-_POOL: _WorkerPool | None = None
+def _new_pool(size: int, initializer=_init_worker, initargs=None):
+    from pebble import ProcessPool
+
+    initargs = (WORKER_MEMORY_MB,) if initargs is None else initargs
+    return ProcessPool(max_workers=size, initializer=initializer, initargs=initargs, context=_forkserver_context())
+
+
+def _pool_size() -> int:
+    size = NUM_WORKERS or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
+    return max(1, size)
+
+
+def _wall_limit(cpu_s: float) -> float:
+    return WALL_TIMEOUT_S or WALL_PER_CPU * cpu_s
+
+
+def _outcome(future) -> tuple[float, str]:
+    """A finished job's (score, status); a worker that died at its CPU deadline (SIGPROF) timed out."""
+    import signal
+    from concurrent.futures import CancelledError
+    from concurrent.futures import TimeoutError as FutureTimeout
+    from concurrent.futures.process import BrokenProcessPool
+
+    from pebble import ProcessExpired
+
+    try:
+        return future.result(timeout=0)
+    except FutureTimeout:  # pebble killed it at the wall-clock limit
+        return 0.0, "timeout"
+    except ProcessExpired as died:
+        return 0.0, "timeout" if died.exitcode in (-signal.SIGPROF, -signal.SIGXCPU) else "error"
+    except (BrokenProcessPool, CancelledError):  # the pool broke (all workers died) before the job ran
+        return 0.0, "broken"
+    except BaseException:  # the job itself failed outside math_verify (e.g. a deadline hit on the way out)
+        return 0.0, "error"
+
+
+def _run_jobs(pool, size: int, jobs: list, cpu_s: float, wall_s: float) -> list[tuple[float, str]]:
+    """Judge (golds, answer) jobs in parallel. pebble starts a job's wall clock when a worker takes it; the budget
+    here also bounds jobs that never find a worker (a pool whose workers cannot start)."""
+    from concurrent.futures import wait as wait_futures
+
+    futures = [pool.schedule(_judge_in_worker, args=(golds, answer, cpu_s), timeout=wall_s) for golds, answer in jobs]
+    budget = wall_s * math.ceil(len(jobs) / size) + 0.5
+    done, late = wait_futures(futures, timeout=budget)
+    for future in late:
+        future.cancel()  # pebble stops the worker still running it
+    return [_outcome(f) if f in done else (0.0, "timeout") for f in futures]
+
+
+_POOL = None
+_POOL_PID = None
 _POOL_LOCK = threading.Lock()
 
 
-def _pool() -> _WorkerPool:
-    """The worker pool, created on first use (never at import) and again in a forked child process."""
-    global _POOL
+def _pool(fresh: bool = False):
+    """The worker pool, created on first use (never at import), again in a forked child process, and again after
+    pebble gave up on it (all workers died, e.g. to the kernel's OOM killer, while none had a job)."""
+    global _POOL, _POOL_PID
     with _POOL_LOCK:
-        if _POOL is None or _POOL.pid != os.getpid():
-            size = NUM_WORKERS or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
-            _POOL = _WorkerPool(max(1, size), WORKER_MEMORY_MB)
-            atexit.register(_POOL.close)
+        if _POOL is not None and _POOL_PID == os.getpid() and (fresh or not _POOL.active):
+            _POOL.stop()
+            _POOL = None
+        if _POOL is None or _POOL_PID != os.getpid():
+            _POOL, _POOL_PID = _new_pool(_pool_size()), os.getpid()
         return _POOL
 
 
+_RUN_LOCK = threading.Lock()
+
+
+def _verify_jobs(jobs: list, cpu_s: float, wall_s: float) -> list[tuple[float, str]]:
+    """One caller at a time has the workers, so that another caller's jobs cannot eat into its time budget."""
+    size = _pool_size()
+    with _RUN_LOCK:
+        results = _run_jobs(_pool(), size, jobs, cpu_s, wall_s)
+        broken = [i for i, (_, status) in enumerate(results) if status == "broken"]
+        if broken:  # once, on a fresh pool: these jobs never ran, or ran on a pool that was already gone
+            retried = _run_jobs(_pool(fresh=True), size, [jobs[i] for i in broken], cpu_s, wall_s)
+            for i, result in zip(broken, retried, strict=True):
+                results[i] = result
+    return [(score, "error" if status == "broken" else status) for score, status in results]
+
+
+def _worker_pids(timeout: float) -> set[int]:
+    """Pids of the workers that answer within `timeout` (all of them, unless some cannot start)."""
+    size, pids, end = _pool_size(), set(), time.monotonic() + timeout
+    while len(pids) < size and time.monotonic() < end:
+        try:
+            for future in [_pool().schedule(_worker_pid) for _ in range(size)]:
+                pids.add(future.result(timeout=max(end - time.monotonic(), 0.01)))
+        except Exception:  # not started yet, or the pool broke (the next _pool() makes a new one)
+            time.sleep(0.1)
+    return pids
+
+
 def start_workers(timeout: float = WORKER_STARTUP_S) -> bool:
-    """Start the verifier processes now (e.g. before training) instead of on the first hard completion."""
-    return _pool().wait_ready(timeout)
+    """Start the verifier processes now (e.g. before training) instead of on the first hard completion; True once
+    every worker has answered."""
+    return len(_worker_pids(timeout)) >= _pool_size()
 
 
 def shutdown_workers() -> None:
     global _POOL
     with _POOL_LOCK:
-        if _POOL is not None and _POOL.pid == os.getpid():
-            _POOL.close()
-            atexit.unregister(_POOL.close)
+        if _POOL is not None and _POOL_PID == os.getpid():
+            _POOL.stop()
+            _POOL.join(timeout=10)
         _POOL = None
 
 
@@ -818,9 +931,10 @@ def shutdown_workers() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _judge(completions: list, golds: list, require_think: bool, timeout: float | None):
+def _judge(completions: list, golds: list, require_think: bool, timeout: float | None, wall_timeout: float | None):
     """Scores (1.0/0.0, None where there is no gold) and the per-batch counts."""
     timeout = TIMEOUT_S if timeout is None else timeout
+    wall_timeout = _wall_limit(timeout) if wall_timeout is None else wall_timeout
     counts = dict.fromkeys(RewardStats.FIELDS, 0)
     scores: list[float | None] = [None] * len(completions)
     jobs: dict[tuple, list[int]] = {}  # (golds, answer) -> rows: a GRPO group often repeats the same answer
@@ -853,7 +967,7 @@ def _judge(completions: list, golds: list, require_think: bool, timeout: float |
         jobs.setdefault((undecided, answer), []).append(row)
     if jobs:
         try:
-            verdicts = _pool().run(list(jobs), timeout)
+            verdicts = _verify_jobs(list(jobs), timeout, wall_timeout)
         except Exception:  # e.g. no process could be started: these answers score 0 and are counted as errors
             logger.exception("reward worker pool failed")
             verdicts = [(0.0, "error")] * len(jobs)
@@ -866,19 +980,22 @@ def _judge(completions: list, golds: list, require_think: bool, timeout: float |
     return scores, counts
 
 
-def verify(completion, gold, require_think: bool = False, *, timeout: float | None = None) -> float:
+def verify(completion, gold, require_think: bool = False, *, timeout: float | None = None,
+           wall_timeout: float | None = None) -> float:
     """1.0 if the last `\\boxed{}` of `completion` is equivalent to `gold` (or any item of a list of golds), else 0.0.
 
     With `require_think`, only text after the first `</think>` counts and a completion without it scores 0.
-    Timeouts, errors and answers without a usable gold all score 0.0.
+    Timeouts, errors and answers without a usable gold all score 0.0. `timeout` is in CPU seconds of the worker
+    (default `TIMEOUT_S`), `wall_timeout` the wall-clock backstop (default `WALL_PER_CPU` times `timeout`).
     """
-    scores, _ = _judge([completion], [gold], require_think, timeout)
+    scores, _ = _judge([completion], [gold], require_think, timeout, wall_timeout)
     return scores[0] or 0.0
 
 
-def verify_batch(completions: list, golds: list, require_think: bool = False, *, timeout: float | None = None):
+def verify_batch(completions: list, golds: list, require_think: bool = False, *, timeout: float | None = None,
+                 wall_timeout: float | None = None):
     """`verify` for many completions at once, judged in parallel; None where a gold is missing."""
-    return _judge(list(completions), list(golds), require_think, timeout)[0]
+    return _judge(list(completions), list(golds), require_think, timeout, wall_timeout)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -906,14 +1023,14 @@ def _log_counts(kwargs: dict, counts: dict) -> None:
 
 def accuracy_reward(completions, **kwargs) -> list[float | None]:
     """1.0 when the last boxed answer matches the row's `answer`, else 0.0; None where the gold is missing."""
-    scores, counts = _judge(completions, _gold_column(kwargs, len(completions)), False, None)
+    scores, counts = _judge(completions, _gold_column(kwargs, len(completions)), False, None, None)
     _log_counts(kwargs, counts)
     return scores
 
 
 def think_accuracy_reward(completions, **kwargs) -> list[float | None]:
     """accuracy_reward on the text after `</think>`; a completion that never closes its reasoning scores 0."""
-    scores, counts = _judge(completions, _gold_column(kwargs, len(completions)), True, None)
+    scores, counts = _judge(completions, _gold_column(kwargs, len(completions)), True, None, None)
     _log_counts(kwargs, counts)
     return scores
 

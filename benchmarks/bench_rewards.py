@@ -6,6 +6,11 @@ answer, no box, cut off mid-box), surrounded by long reasoning text. It prints c
 latency (p50/p99/max), the speed ratio and how often the two rewards agree, then times one pathological completion
 through each reward from a worker thread, where math_verify's signal-based timeouts cannot work.
 
+It also times the worker pool's start-up and the replacement of a killed worker, as ratios to a fresh interpreter
+that only imports math_verify (the least any process-based verifier pays), and scores a correct `\\sum` answer
+(~1 s of CPU) on a machine made busy with CPU burners: under the CPU-time deadline and, for comparison, under a
+wall-clock deadline of the same length.
+
     python benchmarks/bench_rewards.py            # 3000 completions
     python benchmarks/bench_rewards.py --quick    # 300 completions, shorter caps
 """
@@ -28,6 +33,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 PATHOLOGICAL = "Expanding everything, the answer is $\\boxed{(x+1)^{5000} - (x+2)^{5000}}$."
 PATHOLOGICAL_GOLD = "x^2"  # symbolic: both verifiers must try to simplify the difference
+SUM_ANSWER = "The series is Basel's: $\\boxed{\\sum_{n=1}^{\\infty} \\frac{1}{n^2}}$."
+SUM_GOLD = "\\frac{\\pi^2}{6}"
 
 
 def parse_args():
@@ -37,6 +44,7 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=64, help="completions per reward call in the throughput run")
     parser.add_argument("--cap", type=float, default=None, help="outer cap (s) for TRL's pathological case")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--burners", type=int, default=None, help="CPU burners for the busy-machine case (2 per core)")
     parser.add_argument("--shared", default=os.environ.get("POLARIS_SHARED", str(REPO_ROOT.parent / "shared")))
     args = parser.parse_args()
     args.num_completions = args.num_completions or (300 if args.quick else 3000)
@@ -227,6 +235,44 @@ def worst_case_trl(text: str, cap: float) -> float | None:
     return float(match.group(1)) if match else time.perf_counter() - start
 
 
+def import_baseline_seconds() -> float:
+    """A fresh interpreter importing math_verify and sympy: the floor for any verifier that runs in processes."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import math_verify, sympy"], check=True)
+    return time.perf_counter() - start
+
+
+def worker_replacement_seconds() -> float:
+    """Kill one worker (as the kernel's OOM killer would) and time until the pool answers with all workers again."""
+    import rewards
+
+    pid = next(iter(rewards._worker_pids(rewards.WORKER_STARTUP_S)))
+    start = time.perf_counter()
+    os.kill(pid, 9)
+    while pid in rewards._worker_pids(rewards.WORKER_STARTUP_S) or not rewards.start_workers():
+        pass
+    return time.perf_counter() - start
+
+
+def busy_machine_sum(burners: int) -> dict:
+    """The correct `\\sum` answer under load: CPU-time deadline (ours) and a wall-clock deadline of the same length."""
+    import rewards
+
+    burn = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(burners)]
+    try:
+        time.sleep(0.5)
+        out = {}
+        for name, wall in (("cpu_deadline", None), ("wall_deadline", rewards.TIMEOUT_S)):
+            rewards.start_workers()
+            start = time.perf_counter()
+            out[name] = rewards.verify(SUM_ANSWER, SUM_GOLD, wall_timeout=wall), time.perf_counter() - start
+        return out
+    finally:
+        for proc in burn:
+            proc.kill()
+            proc.wait()
+
+
 def main():
     args = parse_args()
     shared = Path(args.shared)
@@ -240,9 +286,14 @@ def main():
     mean_chars = statistics.mean(len(t) for t in texts)
     print(f"{len(texts)} completions, mean {mean_chars:.0f} chars; forms: {dict(Counter(f for *_, f in items))}")
 
+    baseline = import_baseline_seconds()
     start = time.perf_counter()
     rewards.start_workers()
-    print(f"worker start-up (once per run): {time.perf_counter() - start:.2f}s, {rewards.STATS.snapshot()}")
+    startup = time.perf_counter() - start
+    replacement = worker_replacement_seconds()
+    print(f"worker pool start-up (once per run): {startup:.2f}s = {startup / baseline:.2f}x a fresh interpreter "
+          f"importing math_verify ({baseline:.2f}s); a killed worker replaced in {replacement:.2f}s = "
+          f"{replacement / baseline:.2f}x")
     rewards.STATS.reset()
 
     names = ("rewards.accuracy_reward", "trl.rewards.accuracy_reward")
@@ -277,6 +328,11 @@ def main():
     trl_seconds = worst_case_trl(PATHOLOGICAL, args.cap)
     verdict = f"{trl_seconds:.2f}s" if trl_seconds is not None else f"no bound (still running after {args.cap:.0f}s)"
     print(f"  trl.rewards.accuracy_reward: {verdict}")
+
+    burners = args.burners if args.burners is not None else 2 * (os.cpu_count() or 2)
+    print(f"\nbusy machine ({burners} CPU burners): {SUM_ANSWER!r} against gold {SUM_GOLD!r}")
+    for name, (score, seconds) in busy_machine_sum(burners).items():
+        print(f"  {name:<14} {rewards.TIMEOUT_S}s: score {score}, {seconds:.2f}s wall")
     rewards.shutdown_workers()
 
 

@@ -181,6 +181,68 @@ def test_non_equivalent_forms_score_zero(answer, gold):
     assert R.verify(f"Hence the answer is $\\boxed{{{answer}}}$.", gold, timeout=CORRECTNESS_TIMEOUT_S) == 0.0
 
 
+# Answer classes math_verify misreads on its own: (answer, gold) pairs, right and wrong, for each class.
+CLASS_RIGHT = {
+    "mixed_number": [("2.75", "2 3/4"), ("\\frac{11}{4}", "2 3/4"), ("2 3/4", "2.75"), ("-2.75", "-2 3/4")],
+    "plain_unit": [("7", "7 days"), ("7\\text{ days}", "7 days"), ("3", "3 weeks"), ("12", "12 m^2"),
+                   ("12\\text{ m}^2", "12 m^2"), ("40", "40 km/h"), ("40 km/h", "40")],
+    "clock_time": [("14:05:00", "14:05"), ("2:05 PM", "14:05"), ("14:05", "2:05 p.m."), ("09:30", "9:30"), ("12:15\\text{ AM}", "00:15")],
+    "trig_degrees": [("\\frac{1}{2}", "\\sin 30^\\circ"), ("0.5", "\\cos(60^{\\circ})"), ("1", "\\tan 45^\\circ"),
+                     ("\\sin 30^\\circ", "\\frac12")],
+    "scientific": [("602000000000000000000000", "6.02 \\times 10^{23}"), ("6.02e23", "6.02 \\times 10^{23}"),
+                   ("0.00000015", "1.5 \\times 10^{-7}"), ("3.2 \\times 10^4", "32000"), ("0.001", "10^{-3}")],
+    "imaginary_unit": [("0.5+0.5i", "\\frac{1+i}{2}"), ("\\sqrt{-1}", "i"), ("2i-1", "-1+2i"),
+                       ("1+\\sqrt{-3}", "1 + i\\sqrt{3}")],
+    "function_name": [("y = 3t+1", "g(t) = 3t+1"), ("f(x) = 2x+1", "y = 2x+1"), ("h(t) = 2t^2", "g(t) = 2t^2")],
+    "float_exponent": [("e^{0.5x}", "e^{x/2}"), ("10^{0.3}", "10^{3/10}"), ("x^{2.5}", "x^{5/2}"),
+                       ("x^{1/2}", "x^{0.5}")],
+}
+CLASS_WRONG = {
+    "mixed_number": [("23/4", "2 3/4"), ("2.5", "2 3/4"), ("1.5", "2 3/4"), ("2.75", "-2 3/4")],
+    "plain_unit": [("8", "7 days"), ("12\\text{ cm}^2", "12 m^2"), ("12 m", "12 m^2"), ("120 minutes", "2 hours"),
+                   ("3e", "3 weeks"), ("3", "3 e")],
+    "clock_time": [("14:06", "14:05"), ("2:05 AM", "14:05"), ("2:05 PM", "2:05"), ("2:05 AM", "2:05"), ("14:05:30", "14:05"),
+                   ("\\frac{14}{5}", "14:05:00")],
+    "trig_degrees": [("\\frac{\\sqrt{3}}{2}", "\\sin 30^\\circ"), ("0.5", "\\cos 30^\\circ"), ("0.5", "\\sin 30"),
+                     ("\\sin 30", "\\sin 30^\\circ")],
+    "scientific": [("0.00000016", "1.5 \\times 10^{-7}"), ("6.03 \\times 10^{23}", "6.02 \\times 10^{23}"),
+                   ("2.78 \\times 10^{-6}", "2.7778 \\times 10^{-6}"), ("3200", "3.2 \\times 10^{4}"),
+                   ("10^{10}", "10^9")],
+    "imaginary_unit": [("0.5-0.5i", "\\frac{1+i}{2}"), ("-1", "i"), ("2i+1", "-1+2i"), ("1", "i^2")],
+    "function_name": [("y = 3t+2", "g(t) = 3t+1"), ("x = 2y+1", "y = 2x+1"), ("g(y) = 2y+1", "f(x) = 2x+1"),
+                      ("f(t) = 2t+1", "f(x) = 2x+1")],
+    "float_exponent": [("x^{0.33}", "x^{1/3}"), ("x^{0.6667}", "x^{2/3}"), ("e^{0.5x}", "e^{x/3}"), ("x^{1.5}", "x^{5/2}")],
+}
+
+
+@pytest.mark.parametrize(
+    "answer,gold", [pytest.param(a, g, id=f"{name}-{i}") for name, pairs in CLASS_RIGHT.items() for i, (a, g) in
+                    enumerate(pairs)]
+)
+def test_answer_classes_right_score_one(answer, gold):
+    assert R.verify(f"So the answer is $\\boxed{{{answer}}}$.", gold, timeout=CORRECTNESS_TIMEOUT_S) == 1.0
+
+
+@pytest.mark.parametrize(
+    "answer,gold", [pytest.param(a, g, id=f"{name}-{i}") for name, pairs in CLASS_WRONG.items() for i, (a, g) in
+                    enumerate(pairs)]
+)
+def test_answer_classes_wrong_score_zero(answer, gold):
+    assert R.verify(f"So the answer is $\\boxed{{{answer}}}$.", gold, timeout=CORRECTNESS_TIMEOUT_S) == 0.0
+
+
+def test_answer_class_rewrites():
+    assert R.comparable_pair("2 3/4", "2.75")[0] == "\\frac{11}{4}"
+    assert R.comparable_pair("7 weeks", "7")[:2] == ("7", "7")  # the word is gone: no `e` left to be Euler's number
+    assert R.comparable_pair("3 e", "3")[0] == "3 e"  # a single letter is a variable, not a unit
+    assert R.comparable_pair("12 m^2", "12 cm^2")[2] is False
+    assert R.comparable_pair("g(t) = 3t+1", "y = 3t+1")[:2] == ("3t+1", "3t+1")
+    assert R.comparable_pair("x = 2", "y = 2")[:2] == ("x = 2", "y = 2")  # two bare names may be two unknowns
+    assert "\\pi" in R.comparable_pair("\\sin 30^\\circ", "0.5")[0]
+    assert R.comparable_pair("90^\\circ", "90")[0] == "90^\\circ"  # outside a trig function the degree sign goes
+    assert R.fast_match("14:05", "2:05 PM") is True and R.fast_match("1:20", "\\frac{1}{20}") is None
+
+
 def test_fast_path_decides_only_what_is_certain():
     assert R.fast_match("\\frac{3}{4}", "0.75") is True
     assert R.fast_match("-\\frac{3}{4}", "\\frac{-3}{4}") is True
@@ -322,7 +384,9 @@ def test_adversarial_completion_scores_zero_in_time(name, context):
     completion = ADVERSARIAL[name]
     before = R.STATS.snapshot()
     start = time.perf_counter()
-    score = CONTEXTS[context](lambda: R.verify(completion, ADVERSARIAL_GOLD, timeout=DEADLINE_S))
+    score = CONTEXTS[context](
+        lambda: R.verify(completion, ADVERSARIAL_GOLD, timeout=DEADLINE_S, wall_timeout=DEADLINE_S)
+    )
     elapsed = time.perf_counter() - start
     assert score == 0.0
     assert elapsed < DEADLINE_S + MARGIN_S, f"{name} from {context} took {elapsed:.2f}s"
@@ -339,50 +403,86 @@ def test_worker_killed_past_deadline_even_in_c_code(monkeypatch):
     R.start_workers()
     before = R.STATS.snapshot()
     start = time.perf_counter()
-    assert _run_thread(lambda: R.verify("\\boxed{9^{9^9}}", "2", timeout=DEADLINE_S)) == 0.0
+    assert _run_thread(lambda: R.verify("\\boxed{9^{9^9}}", "2", timeout=DEADLINE_S, wall_timeout=DEADLINE_S)) == 0.0
     assert time.perf_counter() - start < DEADLINE_S + MARGIN_S
+    # Without the wall-clock backstop, the worker's own CPU limit (SIGPROF) ends it: a timeout, not a hang.
+    R.start_workers()
+    assert _run_thread(lambda: R.verify("\\boxed{9^{9^9}}", "2", timeout=DEADLINE_S, wall_timeout=60)) == 0.0
+    assert time.perf_counter() - start < 30
     after = R.STATS.snapshot()
-    assert after["timeouts"] + after["errors"] == before["timeouts"] + before["errors"] + 1
+    assert after["timeouts"] == before["timeouts"] + 2
     # The pool recovers: the next hard answer is judged normally.
     R.start_workers()
     assert R.verify("\\boxed{\\sqrt{12}}", "2\\sqrt{3}") == 1.0
+
+
+def test_deadline_counts_cpu_time_not_wall_time():
+    """A correct answer whose worker is starved of CPU (here: stopped for 3 s) still scores 1 under a 2 s deadline;
+    a slow one still times out by its CPU time when the wall-clock backstop is far away."""
+    import signal
+
+    pids = R._worker_pids(CORRECTNESS_TIMEOUT_S)
+    assert len(pids) == R._pool_size()
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault(
+        "score", R.verify("\\boxed{\\sqrt{12}}", "2\\sqrt{3}", timeout=2.0, wall_timeout=30.0)))
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        thread.start()
+        time.sleep(3.0)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    thread.join(30)
+    assert result["score"] == 1.0
+    before = R.STATS.snapshot()
+    slow = ADVERSARIAL["slow_simplify"]
+    assert R.verify(slow, ADVERSARIAL_GOLD, timeout=DEADLINE_S, wall_timeout=30.0) == 0.0
+    assert R.STATS.snapshot()["timeouts"] == before["timeouts"] + 1
+
+
+def test_workers_have_a_memory_cap():
+    import resource
+
+    soft, _ = R._pool().schedule(resource.getrlimit, args=(resource.RLIMIT_AS,)).result(timeout=CORRECTNESS_TIMEOUT_S)
+    assert soft != resource.RLIM_INFINITY
+    assert resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY or soft != resource.getrlimit(
+        resource.RLIMIT_AS)[0]  # the cap is the workers', not the caller's
 
 
 def test_batch_with_hanging_completion_keeps_the_others():
     R.start_workers()
     completions = ["\\boxed{(x+1)^{5000} - (x+2)^{5000}}", "\\boxed{\\sqrt{12}}", "\\boxed{7}", "\\boxed{1/2}"]
     golds = ["x^2", "2\\sqrt{3}", "7", "0.5"]
-    assert R.verify_batch(completions, golds, timeout=DEADLINE_S) == [0.0, 1.0, 1.0, 1.0]
+    assert R.verify_batch(completions, golds, timeout=DEADLINE_S, wall_timeout=DEADLINE_S) == [0.0, 1.0, 1.0, 1.0]
 
 
 def test_worker_that_died_while_idle_costs_no_answer():
-    R.start_workers()
-    pool = R._pool()
-    for worker in pool.workers:
-        os.kill(worker.pid, 9)  # e.g. the kernel's OOM killer between two batches
+    for pid in R._worker_pids(CORRECTNESS_TIMEOUT_S):
+        os.kill(pid, 9)  # e.g. the kernel's OOM killer between two batches
     time.sleep(0.2)
     completions = ["\\boxed{\\sqrt{12}}", "\\boxed{2\\sqrt{3}}", "\\boxed{\\sqrt{3}}"]
     assert R.verify_batch(completions, ["2\\sqrt{3}"] * 3, timeout=CORRECTNESS_TIMEOUT_S) == [1.0, 1.0, 0.0]
 
 
-def test_broken_worker_install_scores_zero_without_hanging(monkeypatch):
-    """Workers that die on start-up (here: no Python at all) cost their answers, not a hung trainer."""
-    pool = R._WorkerPool(size=2, memory_mb=256)
-    monkeypatch.setattr(sys, "executable", "/bin/false")
+def test_broken_worker_install_scores_zero_without_hanging():
+    """Workers that die on start-up (here: their initializer exits) cost their answers, not a hung trainer."""
+    pool = R._new_pool(2, initializer=os._exit, initargs=(3,))
     start = time.perf_counter()
     try:
-        assert pool.run([(("2",), "\\sqrt{4}")] * 3, timeout_s=DEADLINE_S) == [(0.0, "error")] * 3
+        results = R._run_jobs(pool, 2, [(("2",), "\\sqrt{4}")] * 3, DEADLINE_S, DEADLINE_S)
     finally:
-        monkeypatch.undo()
-        pool.close()
+        pool.stop()
+    assert [score for score, _ in results] == [0.0] * 3
     assert time.perf_counter() - start < 10
 
 
 def test_repeated_answers_in_a_batch_are_judged_once(monkeypatch):
     dispatched = []
-    run = R._WorkerPool.run
-    monkeypatch.setattr(R._WorkerPool, "run", lambda self, jobs, timeout_s: dispatched.append(len(jobs)) or run(
-        self, jobs, timeout_s))
+    run = R._run_jobs
+    monkeypatch.setattr(R, "_run_jobs", lambda pool, size, jobs, *rest: dispatched.append(len(jobs)) or run(
+        pool, size, jobs, *rest))
     completions = ["\\boxed{\\sqrt{12}}"] * 6 + ["\\boxed{\\sqrt{3}}"] * 2  # a GRPO group: 8 samples, 2 answers
     scores = R.verify_batch(completions, ["2\\sqrt{3}"] * 8, timeout=CORRECTNESS_TIMEOUT_S)
     assert scores == [1.0] * 6 + [0.0] * 2
