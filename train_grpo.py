@@ -57,6 +57,14 @@ class ScriptArguments(TrlScriptArguments):
         metadata={"help": "Print the estimated peak GPU memory by part and whether it fits, then exit without loading weights (memory_planner.py)."},
     )
     gpu_memory: float | None = field(default=None, metadata={"help": "GPU memory in GiB for --plan (default: this machine's GPU)."})
+    accelerate_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "The accelerate config the run is launched with (accelerate launch --config_file): --plan counts "
+            "its GPU count, ZeRO / FSDP sharding and CPU offload. Training itself takes them from the launcher."
+        },
+    )
+    num_gpus: int | None = field(default=None, metadata={"help": "GPUs for --plan (default: the accelerate config's num_processes)."})
     save_merged: bool = field(
         default=False,
         metadata={"help": "With --use_peft: also save the base model with the adapter merged in, to OUTPUT_DIR/merged."},
