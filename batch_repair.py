@@ -257,7 +257,8 @@ def take_rows(rows: dict, index: torch.Tensor) -> dict:
 
 
 def gather_rows(accelerator, batch: dict, fields: dict) -> dict:
-    """The per-row tensors of all processes, in process order (padded to common widths first)."""
+    """The per-row tensors of all processes, in process order (padded to common widths first). Every row
+    reaches every process: `copy_rows` moves only the copied ones (benchmarks/bench_repair_scale.py compares)."""
     gathered = {}
     for key, (pad_first, value) in fields.items():
         tensor = batch[key]
@@ -265,6 +266,91 @@ def gather_rows(accelerator, batch: dict, fields: dict) -> dict:
             tensor = accelerator.pad_across_processes(tensor, dim=1, pad_index=value, pad_first=pad_first)
         gathered[key] = accelerator.gather(tensor)
     return gathered
+
+
+def row_owner(pool_row: int, local_rows: int, num_processes: int) -> tuple[int, int]:
+    """(process, row of that process' own pool) of a pool row: each batch of the pool is every process'
+    `local_rows` rows in process order, and a process' own pool is its rows of every batch, batch by batch."""
+    batch, within = divmod(pool_row, local_rows * num_processes)
+    process, index = divmod(within, local_rows)
+    return process, batch * local_rows + index
+
+
+def rows_to_send(sources: list[int], local_rows: int, num_processes: int) -> list[list[int]]:
+    """Per process, the pool rows it sends: those that fill a slot on another process (each once, in order).
+    Every process computes the same lists from the same plan."""
+    sends = [set() for _ in range(num_processes)]
+    for slot, source in enumerate(sources):
+        owner, _ = row_owner(source, local_rows, num_processes)
+        if owner != slot // local_rows:
+            sends[owner].add(source)
+    return [sorted(rows) for rows in sends]
+
+
+def global_widths(accelerator, batches: list[dict], fields: dict) -> dict[str, int]:
+    """The widest prompt / completion tensor of any process and batch, per field: the width gathering the
+    whole batch would pad to, so rows come out the same however many processes there are."""
+    padded = [key for key, (pad_first, _) in fields.items() if pad_first is not None]
+    if not padded:
+        return {}
+    local = torch.tensor([max(batch[key].shape[1] for batch in batches) for key in padded], device=batches[0][padded[0]].device)
+    widest = accelerator.gather(local.unsqueeze(0)).reshape(-1, len(padded)).max(dim=0).values.tolist()
+    return dict(zip(padded, widest, strict=True))
+
+
+def own_rows(batches: list[dict], fields: dict, widths: dict[str, int]) -> dict:
+    """This process' rows of every batch of the pool, batch by batch, padded to the common widths."""
+    own = {}
+    for key, (pad_first, value) in fields.items():
+        tensors = [batch[key] for batch in batches]
+        if pad_first is not None:
+            tensors = [pad_width(t, widths[key], pad_first, value) for t in tensors]
+        own[key] = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+    return own
+
+
+def rows_sent(own: dict, sends: list[list[int]], process: int, local_rows: int) -> dict:
+    """What `process` contributes to the gather: its rows in `sends[process]`, padded with repeats to the
+    longest list (a gather takes the same shape from every process)."""
+    count, num_processes = max(len(rows) for rows in sends), len(sends)
+    mine = [row_owner(row, local_rows, num_processes)[1] for row in sends[process]]
+    index = torch.tensor(mine + [mine[0] if mine else 0] * (count - len(mine)))
+    return {key: tensor[index.to(tensor.device)] for key, tensor in own.items()}
+
+
+def place_rows(own: dict, received: dict, sends: list[list[int]], sources: list[int], process: int, local_rows: int) -> dict:
+    """This process' slots filled from its own rows and from the gathered ones (`received`: every
+    process' `rows_sent`, in process order)."""
+    num_processes, count = len(sends), max(len(rows) for rows in sends)
+    position = {row: owner * count + j for owner, rows in enumerate(sends) for j, row in enumerate(rows)}
+    slots = range(process * local_rows, (process + 1) * local_rows)
+    owners = [row_owner(sources[slot], local_rows, num_processes) for slot in slots]
+    local_index = torch.tensor([index if owner == process else 0 for owner, index in owners])
+    remote = [i for i, (owner, _) in enumerate(owners) if owner != process]
+    output = {}
+    for key, tensor in own.items():
+        rows = tensor[local_index.to(tensor.device)]
+        if remote:
+            picks = torch.tensor([position[sources[slots[i]]] for i in remote], device=tensor.device)
+            rows[torch.tensor(remote, device=tensor.device)] = received[key][picks]
+        output[key] = rows
+    return output
+
+
+def copy_rows(accelerator, batches: list[dict], fields: dict, sources: list[int]) -> dict:
+    """This process' rows of the repaired batch: slot i of all processes gets pool row `sources[i]`.
+
+    Rows a process owns are taken locally; only the rows that fill a slot on another process are gathered
+    (to every process, as a gather does). The rows equal those `gather_rows` + `take_rows` give, at the
+    same widths, so a run copies the same rows on any number of processes."""
+    local_rows = batches[0]["completion_ids"].shape[0]
+    num_processes, process = accelerator.num_processes, accelerator.process_index
+    own = own_rows(batches, fields, global_widths(accelerator, batches, fields))
+    sends = rows_to_send(sources, local_rows, num_processes)
+    received = {}
+    if any(sends):  # the same on every process: all skip the gather together
+        received = {key: accelerator.gather(tensor) for key, tensor in rows_sent(own, sends, process, local_rows).items()}
+    return place_rows(own, received, sends, sources, process, local_rows)
 
 
 def loss_token_count(batch: dict) -> torch.Tensor:
@@ -585,11 +671,8 @@ class BatchRepairMixin:
         first = batches[0].output
         sequence_level = str(getattr(self, "vllm_importance_sampling_mode", None) or "").startswith("sequence")
         fields = row_fields(first, self._tokenizer.pad_token_id, sequence_level)
-        pool = merge_rows([gather_rows(self.accelerator, batch.output, fields) for batch in batches], fields)
-        local_rows = first["completion_ids"].shape[0]
-        start = self.accelerator.process_index * local_rows
-        sources = row_sources(plan.group_sources, self.num_generations)[start : start + local_rows]
-        output = take_rows(pool, sources)
+        sources = row_sources(plan.group_sources, self.num_generations).tolist()
+        output = copy_rows(self.accelerator, [batch.output for batch in batches], fields, sources)
         output["num_items_in_batch"] = self.accelerator.gather(loss_token_count(output)).sum()
         return output
 

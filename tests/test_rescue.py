@@ -136,26 +136,32 @@ def test_fresh_groups_fill_first_then_substitution():
     assert not enough_informative(3, 4, 1 / 3, substitute=False) and enough_informative(4, 4, 1 / 3, substitute=False)
 
 
+PAD = 0
+
+
+def process_slice(first_token, prompt_lengths, completion_lengths):
+    """One process' rows as TRL returns them: row r's tokens are all `first_token + r`, its old log-probs
+    the negative, left-padded prompts and right-padded completions of the given lengths."""
+    pad, rows = PAD, len(prompt_lengths)
+    prompt_width, completion_width = max(prompt_lengths), max(completion_lengths)
+    batch = {
+        "prompt_ids": torch.full((rows, prompt_width), pad), "prompt_mask": torch.zeros(rows, prompt_width, dtype=torch.long),
+        "completion_ids": torch.full((rows, completion_width), pad), "completion_mask": torch.zeros(rows, completion_width, dtype=torch.long),
+        "old_per_token_logps": torch.zeros(rows, completion_width),
+        "advantages": torch.arange(rows, dtype=torch.float) + first_token, "num_items_in_batch": torch.tensor(0),
+    }
+    for r, (p, c) in enumerate(zip(prompt_lengths, completion_lengths)):
+        batch["prompt_ids"][r, prompt_width - p :] = first_token + r
+        batch["prompt_mask"][r, prompt_width - p :] = 1
+        batch["completion_ids"][r, :c] = first_token + r
+        batch["completion_mask"][r, :c] = 1
+        batch["old_per_token_logps"][r, :c] = -(first_token + r)
+    return batch
+
+
 def test_copied_rows_carry_their_own_tokens_logps_and_advantages_across_processes():
     """Two processes' slices of different padding widths, merged as gathering does, then groups copied."""
-    pad = 0
-
-    def process_slice(first_token, prompt_lengths, completion_lengths):
-        rows = len(prompt_lengths)
-        prompt_width, completion_width = max(prompt_lengths), max(completion_lengths)
-        batch = {
-            "prompt_ids": torch.full((rows, prompt_width), pad), "prompt_mask": torch.zeros(rows, prompt_width, dtype=torch.long),
-            "completion_ids": torch.full((rows, completion_width), pad), "completion_mask": torch.zeros(rows, completion_width, dtype=torch.long),
-            "old_per_token_logps": torch.zeros(rows, completion_width),
-            "advantages": torch.arange(rows, dtype=torch.float) + first_token, "num_items_in_batch": torch.tensor(0),
-        }
-        for r, (p, c) in enumerate(zip(prompt_lengths, completion_lengths)):
-            batch["prompt_ids"][r, prompt_width - p :] = first_token + r
-            batch["prompt_mask"][r, prompt_width - p :] = 1
-            batch["completion_ids"][r, :c] = first_token + r
-            batch["completion_mask"][r, :c] = 1
-            batch["old_per_token_logps"][r, :c] = -(first_token + r)
-        return batch
+    pad = PAD
 
     # 2 processes x 6 rows, groups of 4: group 1 straddles the processes
     process0 = process_slice(100, [2, 3, 2, 2, 3, 3], [4, 1, 2, 3, 2, 2])
@@ -181,6 +187,66 @@ def test_copied_rows_carry_their_own_tokens_logps_and_advantages_across_processe
     assert loss_token_count({**process0, "tool_mask": torch.zeros_like(process0["completion_mask"])}) == 0
     with pytest.raises(ValueError, match="pixel_values"):
         row_fields({**process0, "pixel_values": torch.zeros(6, 3)}, pad)
+
+
+class ThreadedProcesses:
+    """An accelerator per thread whose `gather` is a real collective over the threads (a barrier), so
+    `copy_rows` runs as it does on several processes; `gathered_rows` counts the rows it brings."""
+
+    def __init__(self, num_processes):
+        import threading
+
+        self.num_processes, self.barrier, self.slots = num_processes, threading.Barrier(num_processes), [None] * num_processes
+        self.gathered_rows = 0
+
+    def accelerator(self, process):
+        group = self
+
+        class Accelerator:
+            num_processes, process_index = group.num_processes, process
+
+            def gather(self, tensor):
+                group.slots[process] = tensor
+                group.barrier.wait()
+                result = torch.cat(group.slots)
+                if process == 0:
+                    group.gathered_rows += result.shape[0]
+                group.barrier.wait()
+                return result
+
+        return Accelerator()
+
+    def run(self, function):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.num_processes) as pool:
+            return list(pool.map(lambda p: function(self.accelerator(p)), range(self.num_processes)))
+
+
+def test_copy_rows_moves_only_copied_rows_and_gives_the_whole_batch_gathers_rows():
+    """3 processes x 8 rows, groups of 4, two batches (the second: dynamic sampling's fresh groups):
+    every process gets exactly the rows the whole-batch gather gave, and only cross-process copies travel."""
+    from batch_repair import copy_rows, rows_to_send
+
+    lengths = lambda seed: ([1 + (seed + r) % 4 for r in range(8)], [1 + (seed * 3 + r) % 7 for r in range(8)])  # noqa: E731
+    batches = [[process_slice(1000 * b + 100 * p, *lengths(3 * b + p)) for p in range(3)] for b in range(2)]
+    fields = row_fields(batches[0][0], PAD)
+    whole = merge_rows([merge_rows(batch, fields) for batch in batches], fields)  # what gather_rows gave every process
+    # groups: 0-1 on process 0, 2-3 on 1, 4-5 on 2; fresh groups 6-11. Group 0 <- 3, 1 <- 1, 2 <- 9 (fresh, process 1),
+    # 3 <- 3, 4 <- 0, 5 <- 11 (fresh, process 2)
+    sources = row_sources([3, 1, 9, 3, 0, 11], 4).tolist()
+    group = ThreadedProcesses(3)
+    copied = group.run(lambda accelerator: copy_rows(accelerator, [batch[accelerator.process_index] for batch in batches], fields, sources))
+    for process, rows in enumerate(copied):
+        expected = take_rows(whole, torch.tensor(sources[process * 8 : (process + 1) * 8]))
+        assert rows.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(rows[key], expected[key]), (process, key)
+    sends = rows_to_send(sources, 8, 3)
+    assert [len(rows) for rows in sends] == [4, 4, 0]  # group 3 (process 1) to process 0; group 0 (process 0) to process 2
+    assert sum(len(rows) for rows in sends) < whole["completion_ids"].shape[0]
+    # the widths (a row per process), then each field: 3 processes x 4 rows, where the whole batch is 48 rows
+    assert group.gathered_rows == 3 + len(fields) * 3 * 4
 
 
 def test_ledger_file_format_and_round_trip(tmp_path):
