@@ -19,15 +19,18 @@ sampled in chunks of `--generation_chunk_size` sequences.
 
 A rollout counts as correct when the first reward function (accuracy, by convention) gives it at least
 `CORRECT_REWARD`. Decisions are taken on rewards gathered from all processes with a seeded `random.Random`,
-so every process takes the same ones; rows are moved between processes by padding and gathering.
+so every process takes the same ones; only the rows copied from another process are gathered (`copy_rows`).
 
 The per-prompt ledger `<output_dir>/prompt_ledger.json` (read by `filter_data.py --from_training_log`):
 
-    {"version": 1, "prompts": {"<prompt_id>": {"seen": int, "group_rewards": [float, ...],
-                                               "kept_completion": str | null, "kept_step": int | null}}}
+    {"version": 2, "prompts": {"<prompt_id>": {"seen": int, "group_rewards": [float, ...],
+                                               "kept_completion_zlib": str | null, "kept_step": int | null}}}
 
 `group_rewards` holds, per group of the prompt, the mean of the first reward function over the model's own
-rollouts (before rescue); `kept_step` is the number of optimizer steps done when the kept one was sampled.
+rollouts (before rescue); `kept_completion_zlib` the latest correct completion, UTF-8 text compressed with
+zlib, in base64 (`python -c "import base64,zlib; print(zlib.decompress(base64.b64decode(S)).decode())"`);
+`kept_step` is the number of optimizer steps done when the kept one was sampled. Version 1 (the completion
+as plain `kept_completion` text) is still read.
 It is written with every checkpoint (into the checkpoint and the output directory) and when training ends
 (kept completions can be long: writing it every step would cost more than it tells), and a resumed run
 reads it back from its checkpoint.
@@ -36,11 +39,13 @@ The pure logic (`choose_rescues`, `plan_batch`, the row helpers, `PromptLedger`)
 constructed batches; `BatchRepairMixin` wires it into TRL's `GRPOTrainer` (see `train_grpo.PolarisGRPOTrainer`).
 """
 
+import base64
 import hashlib
 import json
 import os
 import random
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +57,8 @@ from data import UserError, prompt_id as problem_prompt_id
 
 CORRECT_REWARD = 1.0  # accuracy rewards are 1.0 for a right answer, 0.0 otherwise
 LEDGER_FILE = "prompt_ledger.json"
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2  # 2: kept completions zlib-compressed, in base64; version-1 files (plain text) are still read
+LEDGER_COMPRESSION_LEVEL = 6  # zlib's default: fixed, so every process compresses to the same bytes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,49 +372,97 @@ def loss_token_count(batch: dict) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+def compress_completion(text: str) -> bytes:
+    return zlib.compress(text.encode("utf-8"), LEDGER_COMPRESSION_LEVEL)
+
+
+def decompress_completion(blob: bytes) -> str:
+    return zlib.decompress(blob).decode("utf-8")
+
+
 class PromptLedger:
-    """Per prompt: groups seen, the mean reward of each, and the latest correct completion (the rescue buffer)."""
+    """Per prompt: groups seen, the mean reward of each, and the latest correct completion (the rescue buffer).
+
+    At POLARIS's scale (53K prompts, correct completions of up to 52K tokens, a ledger on every process) the
+    kept completions are nearly all of it: each is held zlib-compressed (`kept_zlib`), replaced rather than
+    added to, and decompressed only when a group needs rescuing. Digest and file are produced entry by
+    entry, never as one string of the whole ledger."""
 
     def __init__(self, prompts: dict | None = None):
         self.prompts = prompts if prompts is not None else {}
 
-    def record(self, prompt_id: str, mean_reward: float, kept_completion: str | None = None, step: int | None = None):
-        entry = self.prompts.setdefault(
-            prompt_id, {"seen": 0, "group_rewards": [], "kept_completion": None, "kept_step": None}
-        )
+    def record(self, prompt_id: str, mean_reward: float, kept_completion: str | None = None, step: int | None = None,
+               kept_zlib: bytes | None = None):  # fmt: skip
+        """One group of `prompt_id`; a correct completion (text, or already compressed) replaces the kept one."""
+        entry = self.prompts.setdefault(prompt_id, {"seen": 0, "group_rewards": [], "kept_zlib": None, "kept_step": None})
         entry["seen"] += 1
         entry["group_rewards"].append(None if mean_reward != mean_reward else round(float(mean_reward), 6))
         if kept_completion is not None:
-            entry["kept_completion"], entry["kept_step"] = kept_completion, step
+            kept_zlib = compress_completion(kept_completion)
+        if kept_zlib is not None:
+            entry["kept_zlib"], entry["kept_step"] = kept_zlib, step
+
+    def has_kept(self, prompt_id: str) -> bool:
+        entry = self.prompts.get(prompt_id)
+        return bool(entry and entry["kept_zlib"] is not None)
 
     def kept_completion(self, prompt_id: str) -> str | None:
-        entry = self.prompts.get(prompt_id)
-        return entry["kept_completion"] if entry else None
+        return decompress_completion(self.prompts[prompt_id]["kept_zlib"]) if self.has_kept(prompt_id) else None
 
-    def to_json(self) -> dict:
-        return {"version": LEDGER_VERSION, "prompts": self.prompts}
+    @staticmethod
+    def entry_json(entry: dict) -> dict:
+        """An entry as the file holds it: the compressed completion in base64."""
+        kept = entry["kept_zlib"]
+        return {
+            "seen": entry["seen"], "group_rewards": entry["group_rewards"],
+            "kept_completion_zlib": base64.b64encode(kept).decode("ascii") if kept is not None else None,
+            "kept_step": entry["kept_step"],
+        }  # fmt: skip
+
+    def json_chunks(self):
+        """The file's text, one entry at a time."""
+        yield f'{{"version": {LEDGER_VERSION}, "prompts": {{'
+        for i, (prompt_id, entry) in enumerate(self.prompts.items()):
+            yield ("" if i == 0 else ", ") + json.dumps(prompt_id) + ": " + json.dumps(self.entry_json(entry))
+        yield "}}"
 
     def digest(self) -> str:
-        return hashlib.sha1(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+        """A hash of the content (every process compares theirs at each checkpoint), streamed entry by entry."""
+        digest = hashlib.sha1()
+        for prompt_id in sorted(self.prompts):
+            entry = self.prompts[prompt_id]
+            digest.update(json.dumps([prompt_id, entry["seen"], entry["group_rewards"], entry["kept_step"]]).encode())
+            digest.update(entry["kept_zlib"] or b"-")
+        return digest.hexdigest()
 
     def save(self, path) -> Path:
-        """Write atomically: a reader (filter_data.py) never sees half a file."""
+        """Write atomically, entry by entry: a reader (filter_data.py) never sees half a file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(self.to_json()))
+        with temporary.open("w") as file:
+            for chunk in self.json_chunks():
+                file.write(chunk)
         os.replace(temporary, path)
         return path
 
     @classmethod
     def load(cls, path) -> "PromptLedger":
+        """A version-2 ledger, or a version-1 one (plain-text completions, compressed as they are read)."""
         try:
             content = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise UserError(f"cannot read the prompt ledger {path}: {error}") from error
-        if not isinstance(content, dict) or content.get("version") != LEDGER_VERSION or "prompts" not in content:
-            raise UserError(f"{path} is not a version-{LEDGER_VERSION} prompt ledger")
-        return cls(content["prompts"])
+        if not isinstance(content, dict) or content.get("version") not in (1, LEDGER_VERSION) or not isinstance(content.get("prompts"), dict):
+            raise UserError(f"{path} is not a version-1 or version-{LEDGER_VERSION} prompt ledger")
+        prompts = {}
+        for prompt_id, entry in content["prompts"].items():
+            if content["version"] == 1:
+                kept = compress_completion(entry["kept_completion"]) if entry.get("kept_completion") is not None else None
+            else:
+                kept = base64.b64decode(entry["kept_completion_zlib"]) if entry.get("kept_completion_zlib") is not None else None
+            prompts[prompt_id] = {"seen": entry["seen"], "group_rewards": entry["group_rewards"], "kept_zlib": kept, "kept_step": entry.get("kept_step")}
+        return cls(prompts)
 
 
 def row_prompt_id(row: dict) -> str:
@@ -510,7 +564,7 @@ class BatchRepairMixin:
         self._rewards_before_rescue = rewards
         rows = choose_rescues(
             correct_rows(rewards), self._group_prompt_ids, self.num_generations,
-            lambda pid: self.ledger.kept_completion(pid) is not None,
+            self.ledger.has_kept,
         )
         self._num_rescued, self._rescued_rows = len(rows), rows
         if rows:
@@ -612,20 +666,21 @@ class BatchRepairMixin:
                 ratio[row - offset] = value
 
     def _record_in_ledger(self, rewards, correct, local_rows):
-        """Every process records the same groups (gathered rewards), so all ledgers stay identical."""
+        """Every process records the same groups (gathered rewards), so all ledgers stay identical. The kept
+        completions travel between processes compressed."""
         num_generations = self.num_generations
         keep = first_correct_rows(correct, num_generations)
         offset = self.accelerator.process_index * local_rows
-        local_texts = [
-            (row, self._decode_completion(self._generated_completion_ids[row - offset]))
+        local_kept = [
+            (row, compress_completion(self._decode_completion(self._generated_completion_ids[row - offset])))
             for row in keep.values()
             if offset <= row < offset + local_rows
         ]
-        texts = dict(gather_object_list(local_texts))
+        kept_by_row = dict(gather_object_list(local_kept))
         means = torch.nanmean(grouped(rewards[:, 0].float(), num_generations), dim=1).tolist()
         for group, (pid, mean) in enumerate(zip(self._group_prompt_ids, means, strict=True)):
-            kept = texts.get(keep[group]) if group in keep else None
-            self.ledger.record(pid, mean, kept, self.state.global_step)
+            kept = kept_by_row.get(keep[group]) if group in keep else None
+            self.ledger.record(pid, mean, step=self.state.global_step, kept_zlib=kept)
 
     def _fresh_inputs(self, local_rows: int, attempt: int) -> list[dict]:
         """A new generation batch of random training prompts (dynamic sampling), the same on every process."""

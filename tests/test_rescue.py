@@ -250,24 +250,38 @@ def test_copy_rows_moves_only_copied_rows_and_gives_the_whole_batch_gathers_rows
 
 
 def test_ledger_file_format_and_round_trip(tmp_path):
+    import base64
+    import zlib
+
+    kept = "<think>1+1=2</think>\n\\boxed{2}"
     ledger = PromptLedger()
-    ledger.record("p1", 0.25, "<think>1+1=2</think>\n\\boxed{2}", step=3)
+    ledger.record("p1", 0.25, kept, step=3)
     ledger.record("p1", 0.0)
     ledger.record("p2", float("nan"))
     path = ledger.save(tmp_path / LEDGER_FILE)
     content = json.loads(path.read_text())
     assert content == {
-        "version": 1,
+        "version": 2,
         "prompts": {
-            "p1": {"seen": 2, "group_rewards": [0.25, 0.0], "kept_completion": "<think>1+1=2</think>\n\\boxed{2}", "kept_step": 3},
-            "p2": {"seen": 1, "group_rewards": [None], "kept_completion": None, "kept_step": None},
+            "p1": {"seen": 2, "group_rewards": [0.25, 0.0], "kept_completion_zlib": content["prompts"]["p1"]["kept_completion_zlib"], "kept_step": 3},
+            "p2": {"seen": 1, "group_rewards": [None], "kept_completion_zlib": None, "kept_step": None},
         },
     }
+    # the completion as the docstring says to read it back
+    assert zlib.decompress(base64.b64decode(content["prompts"]["p1"]["kept_completion_zlib"])).decode() == kept
     loaded = PromptLedger.load(path)
-    assert loaded.kept_completion("p1").endswith("{2}") and loaded.kept_completion("p3") is None
+    assert loaded.kept_completion("p1") == kept and loaded.kept_completion("p3") is None and not loaded.has_kept("p2")
     assert loaded.digest() == ledger.digest()
+    ledger.record("p2", 1.0, "x", step=4)
+    assert loaded.digest() != ledger.digest()
+    # a version-1 ledger (plain-text completion), as earlier runs wrote it, is still read
+    (tmp_path / "v1.json").write_text(json.dumps({"version": 1, "prompts": {
+        "p1": {"seen": 2, "group_rewards": [0.25, 0.0], "kept_completion": kept, "kept_step": 3},
+        "p2": {"seen": 1, "group_rewards": [None], "kept_completion": None, "kept_step": None},
+    }}))  # fmt: skip
+    assert PromptLedger.load(tmp_path / "v1.json").digest() == loaded.digest()
     (tmp_path / "bad.json").write_text('{"version": 9}')
-    with pytest.raises(UserError, match="version-1"):
+    with pytest.raises(UserError, match="version-1 or version-2"):
         PromptLedger.load(tmp_path / "bad.json")
 
 
@@ -347,11 +361,12 @@ def test_trainer_rescues_and_substitutes_known_groups(toy_world, tmp_path):
     assert torch.allclose(logps[mask], output["old_per_token_logps"][mask], atol=1e-4)
 
     # the ledger records the model's own results (before rescue) and the newest correct completion
-    entries = trainer.ledger.prompts
-    assert entries[ids[0]] == {"seen": 2, "group_rewards": [1.0, 0.0], "kept_completion": KEPT, "kept_step": 0}
-    assert entries[ids[1]]["group_rewards"] == [0.5] and entries[ids[1]]["kept_completion"] == completion_text(trainer, output, 5)
-    assert entries[ids[2]] == {"seen": 1, "group_rewards": [0.0], "kept_completion": None, "kept_step": None}
-    assert entries[ids[3]]["group_rewards"] == [1.0] and isinstance(entries[ids[3]]["kept_completion"], str)
+    entries, ledger = trainer.ledger.prompts, trainer.ledger
+    assert entries[ids[0]]["seen"] == 2 and entries[ids[0]]["group_rewards"] == [1.0, 0.0] and entries[ids[0]]["kept_step"] == 0
+    assert ledger.kept_completion(ids[0]) == KEPT
+    assert entries[ids[1]]["group_rewards"] == [0.5] and ledger.kept_completion(ids[1]) == completion_text(trainer, output, 5)
+    assert entries[ids[2]] == {"seen": 1, "group_rewards": [0.0], "kept_zlib": None, "kept_step": None}
+    assert entries[ids[3]]["group_rewards"] == [1.0] and isinstance(ledger.kept_completion(ids[3]), str)
 
 
 def test_too_few_informative_groups_keep_the_batch_and_dynamic_sampling_fills_it(toy_world, tmp_path):
@@ -396,7 +411,7 @@ def test_ledger_is_saved_with_checkpoints_and_read_back_on_resume(toy_world, tmp
     assert sum(e["seen"] for e in resumed.ledger.prompts.values()) == 8  # one step read back, one trained
     for pid, entry in checkpoint.items():
         assert resumed.ledger.prompts[pid]["group_rewards"][: entry["seen"]] == entry["group_rewards"]
-        if entry["kept_completion"] is not None:
+        if entry["kept_zlib"] is not None:
             assert resumed.ledger.kept_completion(pid) is not None
 
 
