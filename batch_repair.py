@@ -19,7 +19,7 @@ sampled in chunks of `--generation_chunk_size` sequences.
 
 A rollout counts as correct when the first reward function (accuracy, by convention) gives it at least
 `CORRECT_REWARD`. Decisions are taken on rewards gathered from all processes with a seeded `random.Random`,
-so every process takes the same ones; only the rows copied from another process are gathered (`copy_rows`).
+so every process takes the same ones; only the rows copied from another process travel (`copy_rows`).
 
 The per-prompt ledger `<output_dir>/prompt_ledger.json` (read by `filter_data.py --from_training_log`):
 
@@ -315,48 +315,41 @@ def own_rows(batches: list[dict], fields: dict, widths: dict[str, int]) -> dict:
     return own
 
 
-def rows_sent(own: dict, sends: list[list[int]], process: int, local_rows: int) -> dict:
-    """What `process` contributes to the gather: its rows in `sends[process]`, padded with repeats to the
-    longest list (a gather takes the same shape from every process)."""
-    count, num_processes = max(len(rows) for rows in sends), len(sends)
-    mine = [row_owner(row, local_rows, num_processes)[1] for row in sends[process]]
-    index = torch.tensor(mine + [mine[0] if mine else 0] * (count - len(mine)))
-    return {key: tensor[index.to(tensor.device)] for key, tensor in own.items()}
-
-
-def place_rows(own: dict, received: dict, sends: list[list[int]], sources: list[int], process: int, local_rows: int) -> dict:
-    """This process' slots filled from its own rows and from the gathered ones (`received`: every
-    process' `rows_sent`, in process order)."""
-    num_processes, count = len(sends), max(len(rows) for rows in sends)
-    position = {row: owner * count + j for owner, rows in enumerate(sends) for j, row in enumerate(rows)}
-    slots = range(process * local_rows, (process + 1) * local_rows)
-    owners = [row_owner(sources[slot], local_rows, num_processes) for slot in slots]
-    local_index = torch.tensor([index if owner == process else 0 for owner, index in owners])
-    remote = [i for i, (owner, _) in enumerate(owners) if owner != process]
-    output = {}
-    for key, tensor in own.items():
-        rows = tensor[local_index.to(tensor.device)]
-        if remote:
-            picks = torch.tensor([position[sources[slots[i]]] for i in remote], device=tensor.device)
-            rows[torch.tensor(remote, device=tensor.device)] = received[key][picks]
-        output[key] = rows
-    return output
-
-
-def copy_rows(accelerator, batches: list[dict], fields: dict, sources: list[int]) -> dict:
+def copy_rows(accelerator, batches: list[dict], fields: dict, sources: list[int], broadcast=None) -> dict:
     """This process' rows of the repaired batch: slot i of all processes gets pool row `sources[i]`.
 
-    Rows a process owns are taken locally; only the rows that fill a slot on another process are gathered
-    (to every process, as a gather does). The rows equal those `gather_rows` + `take_rows` give, at the
-    same widths, so a run copies the same rows on any number of processes."""
+    Rows a process owns are taken locally. Each row that fills a slot on another process is broadcast once
+    by its owner, one owner and one field at a time, so beyond its new rows a process holds at most one
+    owner's copied rows of one field. The rows equal those `gather_rows` + `take_rows` give, at the same
+    widths, so a run copies the same rows on any number of processes. `broadcast(tensor, from_process)`
+    defaults to accelerate's (in place)."""
+    if broadcast is None:
+        from accelerate.utils import broadcast
     local_rows = batches[0]["completion_ids"].shape[0]
     num_processes, process = accelerator.num_processes, accelerator.process_index
     own = own_rows(batches, fields, global_widths(accelerator, batches, fields))
-    sends = rows_to_send(sources, local_rows, num_processes)
-    received = {}
-    if any(sends):  # the same on every process: all skip the gather together
-        received = {key: accelerator.gather(tensor) for key, tensor in rows_sent(own, sends, process, local_rows).items()}
-    return place_rows(own, received, sends, sources, process, local_rows)
+    slots = range(process * local_rows, (process + 1) * local_rows)
+    owners = [row_owner(sources[slot], local_rows, num_processes)[0] for slot in slots]
+    local_index = torch.tensor([row_owner(sources[slot], local_rows, num_processes)[1] if owner == process else 0 for slot, owner in zip(slots, owners)])
+    output = {key: tensor[local_index.to(tensor.device)] for key, tensor in own.items()}
+    # Every process walks the same owners and fields in the same order: the broadcasts pair up.
+    for owner, rows in enumerate(rows_to_send(sources, local_rows, num_processes)):
+        if not rows:
+            continue
+        position = {row: j for j, row in enumerate(rows)}
+        wanted = [(i, position[sources[slot]]) for i, slot in enumerate(slots) if owners[i] == owner != process]
+        index = torch.tensor([row_owner(row, local_rows, num_processes)[1] for row in rows])
+        for key, tensor in own.items():
+            if owner == process:
+                buffer = tensor[index.to(tensor.device)]
+            else:
+                buffer = torch.empty((len(rows), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+            buffer = broadcast(buffer, owner)
+            if wanted:
+                targets = torch.tensor([i for i, _ in wanted], device=tensor.device)
+                output[key][targets] = buffer[torch.tensor([j for _, j in wanted], device=tensor.device)]
+            del buffer
+    return output
 
 
 def loss_token_count(batch: dict) -> torch.Tensor:

@@ -190,14 +190,32 @@ def test_copied_rows_carry_their_own_tokens_logps_and_advantages_across_processe
 
 
 class ThreadedProcesses:
-    """An accelerator per thread whose `gather` is a real collective over the threads (a barrier), so
-    `copy_rows` runs as it does on several processes; `gathered_rows` counts the rows it brings."""
+    """An accelerator per thread whose `gather` and `broadcast` are real collectives over the threads (a
+    barrier), so `copy_rows` runs as on several processes; `received_rows` counts the rows process 0 gets."""
 
     def __init__(self, num_processes):
         import threading
 
         self.num_processes, self.barrier, self.slots = num_processes, threading.Barrier(num_processes), [None] * num_processes
-        self.gathered_rows = 0
+        self.received_rows = 0
+
+    def gather(self, process, tensor):
+        self.slots[process] = tensor
+        self.barrier.wait()
+        result = torch.cat(self.slots)
+        self.barrier.wait()
+        return result
+
+    def broadcast(self, process, tensor, from_process):
+        if process == from_process:
+            self.slots[0] = tensor
+        self.barrier.wait()
+        if process != from_process:
+            tensor.copy_(self.slots[0])
+            if process == 0:
+                self.received_rows += tensor.shape[0]
+        self.barrier.wait()
+        return tensor
 
     def accelerator(self, process):
         group = self
@@ -206,13 +224,7 @@ class ThreadedProcesses:
             num_processes, process_index = group.num_processes, process
 
             def gather(self, tensor):
-                group.slots[process] = tensor
-                group.barrier.wait()
-                result = torch.cat(group.slots)
-                if process == 0:
-                    group.gathered_rows += result.shape[0]
-                group.barrier.wait()
-                return result
+                return group.gather(process, tensor)
 
         return Accelerator()
 
@@ -220,7 +232,7 @@ class ThreadedProcesses:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(self.num_processes) as pool:
-            return list(pool.map(lambda p: function(self.accelerator(p)), range(self.num_processes)))
+            return list(pool.map(lambda p: function(self.accelerator(p), lambda t, source: self.broadcast(p, t, source)), range(self.num_processes)))
 
 
 def test_copy_rows_moves_only_copied_rows_and_gives_the_whole_batch_gathers_rows():
@@ -236,7 +248,9 @@ def test_copy_rows_moves_only_copied_rows_and_gives_the_whole_batch_gathers_rows
     # 3 <- 3, 4 <- 0, 5 <- 11 (fresh, process 2)
     sources = row_sources([3, 1, 9, 3, 0, 11], 4).tolist()
     group = ThreadedProcesses(3)
-    copied = group.run(lambda accelerator: copy_rows(accelerator, [batch[accelerator.process_index] for batch in batches], fields, sources))
+    copied = group.run(
+        lambda accelerator, broadcast: copy_rows(accelerator, [batch[accelerator.process_index] for batch in batches], fields, sources, broadcast)
+    )
     for process, rows in enumerate(copied):
         expected = take_rows(whole, torch.tensor(sources[process * 8 : (process + 1) * 8]))
         assert rows.keys() == expected.keys()
@@ -245,8 +259,9 @@ def test_copy_rows_moves_only_copied_rows_and_gives_the_whole_batch_gathers_rows
     sends = rows_to_send(sources, 8, 3)
     assert [len(rows) for rows in sends] == [4, 4, 0]  # group 3 (process 1) to process 0; group 0 (process 0) to process 2
     assert sum(len(rows) for rows in sends) < whole["completion_ids"].shape[0]
-    # the widths (a row per process), then each field: 3 processes x 4 rows, where the whole batch is 48 rows
-    assert group.gathered_rows == 3 + len(fields) * 3 * 4
+    # process 0 receives only the 4 rows of group 3 it copies (it sends group 0's rows to process 2), once per
+    # field, where the whole-batch gather brought it all 48 rows
+    assert group.received_rows == len(fields) * 4
 
 
 def test_ledger_file_format_and_round_trip(tmp_path):
