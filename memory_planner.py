@@ -735,8 +735,8 @@ def plan_warnings(plan: MemoryPlan) -> list[str]:
     if shape.max_position_embeddings and longest > shape.max_position_embeddings:
         beyond = [step for step, _, length in setup.stages if setup.max_prompt_length + length > shape.max_position_embeddings]
         warnings.append(
-            f"prompt + completion reaches {longest} tokens from step {beyond[0]} on, beyond the model's max_position_embeddings "
-            f"{shape.max_position_embeddings}: positions past it get RoPE angles the model was not trained on (no scaling; "
+            f"prompt + completion exceeds the model's max_position_embeddings {shape.max_position_embeddings} from step "
+            f"{beyond[0]} on (up to {longest} tokens): positions past it get RoPE angles the model was not trained on (no scaling; "
             "POLARIS trained its later stages this way), and vLLM refuses such a max_model_len unless "
             "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 is set. Memory is planned for the full length; rope scaling or shorter "
             "completions avoid the extrapolation"
@@ -762,7 +762,8 @@ def describe_setup(plan: MemoryPlan) -> list[str]:
     setup, shape = plan.setup, plan.shape
     precision = {2: "16-bit", 4: "fp32"}.get(setup.weight_bytes, f"{setup.weight_bytes}-byte")
     if setup.compute_bytes and setup.weight_bytes == FP32:
-        precision = "fp32 master (computed in 16 bits: FSDP2 MixedPrecisionPolicy / DeepSpeed bf16, so activations are 16-bit)"
+        how = "FSDP2's MixedPrecisionPolicy" if setup.sharding == "fsdp" else "DeepSpeed's bf16 model"
+        precision = f"fp32 master (layers computed in 16 bits by {how}, so activations are 16-bit)"
     elif setup.autocast:
         precision = "fp32 (16-bit autocast compute; activations at fp32, an upper bound: see below)"
     if setup.quantization == "4bit":

@@ -408,7 +408,7 @@ def test_polaris_4b_plan_says_why_and_warns_about_positions(monkeypatch, capsys)
     assert plan.fits and "Fits a 80 GiB GPU" in out
     assert "while training" in out and "while sampling" in out and "Why (what each option holds per GPU)" in out
     assert "no sequence parallelism" in out and "CPU offload keeps" in out
-    assert any("53248 tokens from step 300" in w and "VLLM_ALLOW_LONG_MAX_MODEL_LEN" in w for w in plan.warnings)
+    assert any("40960 from step 300 on (up to 53248 tokens)" in w and "VLLM_ALLOW_LONG_MAX_MODEL_LEN" in w for w in plan.warnings)
     # Without the POLARIS options the same recipe does not fit: they are what makes it fit.
     plain = train_grpo.main(*train_grpo.parse_args([
         "--config", str(ROOT / "recipes" / "polaris-4b.yaml"), "--plan", "--gpu_memory", "80",
