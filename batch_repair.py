@@ -262,18 +262,6 @@ def take_rows(rows: dict, index: torch.Tensor) -> dict:
     return {key: tensor[index.to(tensor.device)] for key, tensor in rows.items()}
 
 
-def gather_rows(accelerator, batch: dict, fields: dict) -> dict:
-    """The per-row tensors of all processes, in process order (padded to common widths first). Every row
-    reaches every process: `copy_rows` moves only the copied ones (benchmarks/bench_repair_scale.py compares)."""
-    gathered = {}
-    for key, (pad_first, value) in fields.items():
-        tensor = batch[key]
-        if pad_first is not None:
-            tensor = accelerator.pad_across_processes(tensor, dim=1, pad_index=value, pad_first=pad_first)
-        gathered[key] = accelerator.gather(tensor)
-    return gathered
-
-
 def row_owner(pool_row: int, local_rows: int, num_processes: int) -> tuple[int, int]:
     """(process, row of that process' own pool) of a pool row: each batch of the pool is every process'
     `local_rows` rows in process order, and a process' own pool is its rows of every batch, batch by batch."""
@@ -320,8 +308,8 @@ def copy_rows(accelerator, batches: list[dict], fields: dict, sources: list[int]
 
     Rows a process owns are taken locally. Each row that fills a slot on another process is broadcast once
     by its owner, one owner and one field at a time, so beyond its new rows a process holds at most one
-    owner's copied rows of one field. The rows equal those `gather_rows` + `take_rows` give, at the same
-    widths, so a run copies the same rows on any number of processes. `broadcast(tensor, from_process)`
+    owner's copied rows of one field. The rows equal those of gathering every process' rows (`merge_rows`)
+    and taking the slots' (`take_rows`), at the same widths, so a run copies the same rows on any number of processes. `broadcast(tensor, from_process)`
     defaults to accelerate's (in place)."""
     if broadcast is None:
         from accelerate.utils import broadcast

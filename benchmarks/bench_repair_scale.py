@@ -8,7 +8,7 @@ Two costs that grow with the run, each measured both ways in this process on the
   code and formulas) of polaris-4b's stage-3 lengths; real model completions compress differently, so the
   ratio printed is for this proxy text.
 - the repair's extra memory on one process when informative substitution copies groups: every row of the
-  optimizer step gathered to every process (`gather_rows`, before) against `copy_rows` (after), where each
+  optimizer step gathered to every process (`merge_rows` of all, then `take_rows`: before) against `copy_rows` (after), where each
   owner broadcasts only the rows another process copies, one owner and one field at a time, at
   polaris-4b's shapes: 32 processes x 32 rows of 1,024 prompt + 52,224 completion tokens (int64 ids and
   masks, as TRL holds them). The 32 processes are threads whose broadcast is a barrier and a copy, as
@@ -169,7 +169,7 @@ def measure_repair(args: BenchArguments) -> dict:
     sources = row_sources(plan.group_sources, args.num_generations).tolist()
     local_rows = args.rows_per_process
 
-    # Before: every process' rows reach every process (what gather_rows returned), then it takes its slots.
+    # Before: every process' rows reach every process (what the repair's gather returned), then it takes its slots.
     pool = merge_rows([batch] * args.num_processes, fields)
     before_output = take_rows(pool, torch.tensor(sources[:local_rows]))
     before = {"gathered": nbytes(pool), "output": nbytes(before_output)}

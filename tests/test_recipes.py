@@ -138,3 +138,17 @@ def test_accelerate_config_loads_as_accelerate_launch_loads_it(config, monkeypat
 
         # The POLARIS recipes' file offloads weights, gradients and optimizer state to the CPU, as verl did.
         assert isinstance(plugin.cpu_offload, CPUOffloadPolicy) == (config.name == "fsdp_offload.yaml")
+
+
+def test_a_run_launched_otherwise_than_its_plan_is_noted(monkeypatch):
+    import train_grpo
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    script_args, training_args, _ = train_grpo.parse_args(["--config", str(ROOT / "recipes" / "polaris-4b.yaml")])
+    note = train_grpo.launch_differs_from_plan(script_args, training_args)
+    assert "32 processes, fsdp" in note and "1 process(es), no sharding" in note
+    script_args, training_args, _ = train_grpo.parse_args(
+        ["--config", str(ROOT / "recipes" / "demo.yaml"), "--accelerate_config", str(ROOT / "accelerate" / "single_gpu.yaml")]
+    )
+    assert train_grpo.launch_differs_from_plan(script_args, training_args) is None

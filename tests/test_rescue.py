@@ -243,7 +243,7 @@ def test_copy_rows_moves_only_copied_rows_and_gives_the_whole_batch_gathers_rows
     lengths = lambda seed: ([1 + (seed + r) % 4 for r in range(8)], [1 + (seed * 3 + r) % 7 for r in range(8)])  # noqa: E731
     batches = [[process_slice(1000 * b + 100 * p, *lengths(3 * b + p)) for p in range(3)] for b in range(2)]
     fields = row_fields(batches[0][0], PAD)
-    whole = merge_rows([merge_rows(batch, fields) for batch in batches], fields)  # what gather_rows gave every process
+    whole = merge_rows([merge_rows(batch, fields) for batch in batches], fields)  # what gathering every row gave every process
     # groups: 0-1 on process 0, 2-3 on 1, 4-5 on 2; fresh groups 6-11. Group 0 <- 3, 1 <- 1, 2 <- 9 (fresh, process 1),
     # 3 <- 3, 4 <- 0, 5 <- 11 (fresh, process 2)
     sources = row_sources([3, 1, 9, 3, 0, 11], 4).tolist()
