@@ -256,9 +256,9 @@ class RunSetup:
 
     @property
     def residual_bytes(self) -> int:
-        """The residual stream and the norms' outputs: under autocast they stay fp32 (embeddings and norm
-        weights are fp32, additions are not autocast), while matmul inputs are kept as the 16-bit copies
-        autocast made and their outputs are 16-bit."""
+        """The residual stream and the layer norms' outputs: under autocast they stay fp32 (embeddings and
+        norm weights are fp32, additions are not autocast), while each matmul keeps its own 16-bit copy of
+        its input and returns 16 bits (so the q/k norms, which read q_proj / k_proj, keep 16-bit tensors)."""
         return self.weight_bytes if self.autocast else self.activation_bytes
 
     @property
