@@ -19,15 +19,18 @@ sampled in chunks of `--generation_chunk_size` sequences.
 
 A rollout counts as correct when the first reward function (accuracy, by convention) gives it at least
 `CORRECT_REWARD`. Decisions are taken on rewards gathered from all processes with a seeded `random.Random`,
-so every process takes the same ones; rows are moved between processes by padding and gathering.
+so every process takes the same ones; only the rows copied from another process travel (`copy_rows`).
 
 The per-prompt ledger `<output_dir>/prompt_ledger.json` (read by `filter_data.py --from_training_log`):
 
-    {"version": 1, "prompts": {"<prompt_id>": {"seen": int, "group_rewards": [float, ...],
-                                               "kept_completion": str | null, "kept_step": int | null}}}
+    {"version": 2, "prompts": {"<prompt_id>": {"seen": int, "group_rewards": [float, ...],
+                                               "kept_completion_zlib": str | null, "kept_step": int | null}}}
 
 `group_rewards` holds, per group of the prompt, the mean of the first reward function over the model's own
-rollouts (before rescue); `kept_step` is the number of optimizer steps done when the kept one was sampled.
+rollouts (before rescue); `kept_completion_zlib` the latest correct completion, UTF-8 text compressed with
+zlib, in base64 (`python -c "import base64,zlib; print(zlib.decompress(base64.b64decode(S)).decode())"`);
+`kept_step` is the number of optimizer steps done when the kept one was sampled. Version 1 (the completion
+as plain `kept_completion` text) is still read.
 It is written with every checkpoint (into the checkpoint and the output directory) and when training ends
 (kept completions can be long: writing it every step would cost more than it tells), and a resumed run
 reads it back from its checkpoint.
@@ -36,11 +39,13 @@ The pure logic (`choose_rescues`, `plan_batch`, the row helpers, `PromptLedger`)
 constructed batches; `BatchRepairMixin` wires it into TRL's `GRPOTrainer` (see `train_grpo.PolarisGRPOTrainer`).
 """
 
+import base64
 import hashlib
 import json
 import os
 import random
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +57,8 @@ from data import UserError, prompt_id as problem_prompt_id
 
 CORRECT_REWARD = 1.0  # accuracy rewards are 1.0 for a right answer, 0.0 otherwise
 LEDGER_FILE = "prompt_ledger.json"
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2  # 2: kept completions zlib-compressed, in base64; version-1 files (plain text) are still read
+LEDGER_COMPRESSION_LEVEL = 6  # zlib's default: fixed, so every process compresses to the same bytes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,15 +262,82 @@ def take_rows(rows: dict, index: torch.Tensor) -> dict:
     return {key: tensor[index.to(tensor.device)] for key, tensor in rows.items()}
 
 
-def gather_rows(accelerator, batch: dict, fields: dict) -> dict:
-    """The per-row tensors of all processes, in process order (padded to common widths first)."""
-    gathered = {}
+def row_owner(pool_row: int, local_rows: int, num_processes: int) -> tuple[int, int]:
+    """(process, row of that process' own pool) of a pool row: each batch of the pool is every process'
+    `local_rows` rows in process order, and a process' own pool is its rows of every batch, batch by batch."""
+    batch, within = divmod(pool_row, local_rows * num_processes)
+    process, index = divmod(within, local_rows)
+    return process, batch * local_rows + index
+
+
+def rows_to_send(sources: list[int], local_rows: int, num_processes: int) -> list[list[int]]:
+    """Per process, the pool rows it sends: those that fill a slot on another process (each once, in order).
+    Every process computes the same lists from the same plan."""
+    sends = [set() for _ in range(num_processes)]
+    for slot, source in enumerate(sources):
+        owner, _ = row_owner(source, local_rows, num_processes)
+        if owner != slot // local_rows:
+            sends[owner].add(source)
+    return [sorted(rows) for rows in sends]
+
+
+def global_widths(accelerator, batches: list[dict], fields: dict) -> dict[str, int]:
+    """The widest prompt / completion tensor of any process and batch, per field: the width gathering the
+    whole batch would pad to, so rows come out the same however many processes there are."""
+    padded = [key for key, (pad_first, _) in fields.items() if pad_first is not None]
+    if not padded:
+        return {}
+    local = torch.tensor([max(batch[key].shape[1] for batch in batches) for key in padded], device=batches[0][padded[0]].device)
+    widest = accelerator.gather(local.unsqueeze(0)).reshape(-1, len(padded)).max(dim=0).values.tolist()
+    return dict(zip(padded, widest, strict=True))
+
+
+def own_rows(batches: list[dict], fields: dict, widths: dict[str, int]) -> dict:
+    """This process' rows of every batch of the pool, batch by batch, padded to the common widths."""
+    own = {}
     for key, (pad_first, value) in fields.items():
-        tensor = batch[key]
+        tensors = [batch[key] for batch in batches]
         if pad_first is not None:
-            tensor = accelerator.pad_across_processes(tensor, dim=1, pad_index=value, pad_first=pad_first)
-        gathered[key] = accelerator.gather(tensor)
-    return gathered
+            tensors = [pad_width(t, widths[key], pad_first, value) for t in tensors]
+        own[key] = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+    return own
+
+
+def copy_rows(accelerator, batches: list[dict], fields: dict, sources: list[int], broadcast=None) -> dict:
+    """This process' rows of the repaired batch: slot i of all processes gets pool row `sources[i]`.
+
+    Rows a process owns are taken locally. Each row that fills a slot on another process is broadcast once
+    by its owner, one owner and one field at a time, so beyond its new rows a process holds at most one
+    owner's copied rows of one field. The rows equal those of gathering every process' rows (`merge_rows`)
+    and taking the slots' (`take_rows`), at the same widths, so a run copies the same rows on any number of processes. `broadcast(tensor, from_process)`
+    defaults to accelerate's (in place)."""
+    if broadcast is None:
+        from accelerate.utils import broadcast
+    local_rows = batches[0]["completion_ids"].shape[0]
+    num_processes, process = accelerator.num_processes, accelerator.process_index
+    own = own_rows(batches, fields, global_widths(accelerator, batches, fields))
+    slots = range(process * local_rows, (process + 1) * local_rows)
+    owners = [row_owner(sources[slot], local_rows, num_processes)[0] for slot in slots]
+    local_index = torch.tensor([row_owner(sources[slot], local_rows, num_processes)[1] if owner == process else 0 for slot, owner in zip(slots, owners)])
+    output = {key: tensor[local_index.to(tensor.device)] for key, tensor in own.items()}
+    # Every process walks the same owners and fields in the same order: the broadcasts pair up.
+    for owner, rows in enumerate(rows_to_send(sources, local_rows, num_processes)):
+        if not rows:
+            continue
+        position = {row: j for j, row in enumerate(rows)}
+        wanted = [(i, position[sources[slot]]) for i, slot in enumerate(slots) if owners[i] == owner != process]
+        index = torch.tensor([row_owner(row, local_rows, num_processes)[1] for row in rows])
+        for key, tensor in own.items():
+            if owner == process:
+                buffer = tensor[index.to(tensor.device)]
+            else:
+                buffer = torch.empty((len(rows), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+            buffer = broadcast(buffer, owner)
+            if wanted:
+                targets = torch.tensor([i for i, _ in wanted], device=tensor.device)
+                output[key][targets] = buffer[torch.tensor([j for _, j in wanted], device=tensor.device)]
+            del buffer
+    return output
 
 
 def loss_token_count(batch: dict) -> torch.Tensor:
@@ -280,49 +353,97 @@ def loss_token_count(batch: dict) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+def compress_completion(text: str) -> bytes:
+    return zlib.compress(text.encode("utf-8"), LEDGER_COMPRESSION_LEVEL)
+
+
+def decompress_completion(blob: bytes) -> str:
+    return zlib.decompress(blob).decode("utf-8")
+
+
 class PromptLedger:
-    """Per prompt: groups seen, the mean reward of each, and the latest correct completion (the rescue buffer)."""
+    """Per prompt: groups seen, the mean reward of each, and the latest correct completion (the rescue buffer).
+
+    At POLARIS's scale (53K prompts, correct completions of up to 52K tokens, a ledger on every process) the
+    kept completions are nearly all of it: each is held zlib-compressed (`kept_zlib`), replaced rather than
+    added to, and decompressed only when a group needs rescuing. Digest and file are produced entry by
+    entry, never as one string of the whole ledger."""
 
     def __init__(self, prompts: dict | None = None):
         self.prompts = prompts if prompts is not None else {}
 
-    def record(self, prompt_id: str, mean_reward: float, kept_completion: str | None = None, step: int | None = None):
-        entry = self.prompts.setdefault(
-            prompt_id, {"seen": 0, "group_rewards": [], "kept_completion": None, "kept_step": None}
-        )
+    def record(self, prompt_id: str, mean_reward: float, kept_completion: str | None = None, step: int | None = None,
+               kept_zlib: bytes | None = None):  # fmt: skip
+        """One group of `prompt_id`; a correct completion (text, or already compressed) replaces the kept one."""
+        entry = self.prompts.setdefault(prompt_id, {"seen": 0, "group_rewards": [], "kept_zlib": None, "kept_step": None})
         entry["seen"] += 1
         entry["group_rewards"].append(None if mean_reward != mean_reward else round(float(mean_reward), 6))
         if kept_completion is not None:
-            entry["kept_completion"], entry["kept_step"] = kept_completion, step
+            kept_zlib = compress_completion(kept_completion)
+        if kept_zlib is not None:
+            entry["kept_zlib"], entry["kept_step"] = kept_zlib, step
+
+    def has_kept(self, prompt_id: str) -> bool:
+        entry = self.prompts.get(prompt_id)
+        return bool(entry and entry["kept_zlib"] is not None)
 
     def kept_completion(self, prompt_id: str) -> str | None:
-        entry = self.prompts.get(prompt_id)
-        return entry["kept_completion"] if entry else None
+        return decompress_completion(self.prompts[prompt_id]["kept_zlib"]) if self.has_kept(prompt_id) else None
 
-    def to_json(self) -> dict:
-        return {"version": LEDGER_VERSION, "prompts": self.prompts}
+    @staticmethod
+    def entry_json(entry: dict) -> dict:
+        """An entry as the file holds it: the compressed completion in base64."""
+        kept = entry["kept_zlib"]
+        return {
+            "seen": entry["seen"], "group_rewards": entry["group_rewards"],
+            "kept_completion_zlib": base64.b64encode(kept).decode("ascii") if kept is not None else None,
+            "kept_step": entry["kept_step"],
+        }  # fmt: skip
+
+    def json_chunks(self):
+        """The file's text, one entry at a time."""
+        yield f'{{"version": {LEDGER_VERSION}, "prompts": {{'
+        for i, (prompt_id, entry) in enumerate(self.prompts.items()):
+            yield ("" if i == 0 else ", ") + json.dumps(prompt_id) + ": " + json.dumps(self.entry_json(entry))
+        yield "}}"
 
     def digest(self) -> str:
-        return hashlib.sha1(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+        """A hash of the content (every process compares theirs at each checkpoint), streamed entry by entry."""
+        digest = hashlib.sha1()
+        for prompt_id in sorted(self.prompts):
+            entry = self.prompts[prompt_id]
+            digest.update(json.dumps([prompt_id, entry["seen"], entry["group_rewards"], entry["kept_step"]]).encode())
+            digest.update(entry["kept_zlib"] or b"-")
+        return digest.hexdigest()
 
     def save(self, path) -> Path:
-        """Write atomically: a reader (filter_data.py) never sees half a file."""
+        """Write atomically, entry by entry: a reader (filter_data.py) never sees half a file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(self.to_json()))
+        with temporary.open("w") as file:
+            for chunk in self.json_chunks():
+                file.write(chunk)
         os.replace(temporary, path)
         return path
 
     @classmethod
     def load(cls, path) -> "PromptLedger":
+        """A version-2 ledger, or a version-1 one (plain-text completions, compressed as they are read)."""
         try:
             content = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise UserError(f"cannot read the prompt ledger {path}: {error}") from error
-        if not isinstance(content, dict) or content.get("version") != LEDGER_VERSION or "prompts" not in content:
-            raise UserError(f"{path} is not a version-{LEDGER_VERSION} prompt ledger")
-        return cls(content["prompts"])
+        if not isinstance(content, dict) or content.get("version") not in (1, LEDGER_VERSION) or not isinstance(content.get("prompts"), dict):
+            raise UserError(f"{path} is not a version-1 or version-{LEDGER_VERSION} prompt ledger")
+        prompts = {}
+        for prompt_id, entry in content["prompts"].items():
+            if content["version"] == 1:
+                kept = compress_completion(entry["kept_completion"]) if entry.get("kept_completion") is not None else None
+            else:
+                kept = base64.b64decode(entry["kept_completion_zlib"]) if entry.get("kept_completion_zlib") is not None else None
+            prompts[prompt_id] = {"seen": entry["seen"], "group_rewards": entry["group_rewards"], "kept_zlib": kept, "kept_step": entry.get("kept_step")}
+        return cls(prompts)
 
 
 def pooled_mean_rewards(group_rewards: dict[str, list]) -> dict[str, float]:
@@ -442,7 +563,7 @@ class BatchRepairMixin:
         self._rewards_before_rescue = rewards
         rows = choose_rescues(
             correct_rows(rewards), self._group_prompt_ids, self.num_generations,
-            lambda pid: self.ledger.kept_completion(pid) is not None,
+            self.ledger.has_kept,
         )
         self._num_rescued, self._rescued_rows = len(rows), rows
         if rows:
@@ -544,20 +665,21 @@ class BatchRepairMixin:
                 ratio[row - offset] = value
 
     def _record_in_ledger(self, rewards, correct, local_rows):
-        """Every process records the same groups (gathered rewards), so all ledgers stay identical."""
+        """Every process records the same groups (gathered rewards), so all ledgers stay identical. The kept
+        completions travel between processes compressed."""
         num_generations = self.num_generations
         keep = first_correct_rows(correct, num_generations)
         offset = self.accelerator.process_index * local_rows
-        local_texts = [
-            (row, self._decode_completion(self._generated_completion_ids[row - offset]))
+        local_kept = [
+            (row, compress_completion(self._decode_completion(self._generated_completion_ids[row - offset])))
             for row in keep.values()
             if offset <= row < offset + local_rows
         ]
-        texts = dict(gather_object_list(local_texts))
+        kept_by_row = dict(gather_object_list(local_kept))
         means = torch.nanmean(grouped(rewards[:, 0].float(), num_generations), dim=1).tolist()
         for group, (pid, mean) in enumerate(zip(self._group_prompt_ids, means, strict=True)):
-            kept = texts.get(keep[group]) if group in keep else None
-            self.ledger.record(pid, mean, kept, self.state.global_step)
+            kept = kept_by_row.get(keep[group]) if group in keep else None
+            self.ledger.record(pid, mean, step=self.state.global_step, kept_zlib=kept)
 
     def _fresh_inputs(self, local_rows: int, attempt: int) -> list[dict]:
         """A new generation batch of random training prompts (dynamic sampling), the same on every process."""
@@ -661,11 +783,8 @@ class BatchRepairMixin:
         first = batches[0].output
         sequence_level = str(getattr(self, "vllm_importance_sampling_mode", None) or "").startswith("sequence")
         fields = row_fields(first, self._tokenizer.pad_token_id, sequence_level)
-        pool = merge_rows([gather_rows(self.accelerator, batch.output, fields) for batch in batches], fields)
-        local_rows = first["completion_ids"].shape[0]
-        start = self.accelerator.process_index * local_rows
-        sources = row_sources(plan.group_sources, self.num_generations)[start : start + local_rows]
-        output = take_rows(pool, sources)
+        sources = row_sources(plan.group_sources, self.num_generations).tolist()
+        output = copy_rows(self.accelerator, [batch.output for batch in batches], fields, sources)
         output["num_items_in_batch"] = self.accelerator.gather(loss_token_count(output)).sum()
         return output
 

@@ -496,13 +496,14 @@ def find_ledger(run: str) -> Path:
 
 
 def read_ledger(path: Path) -> dict[str, list[float]]:
-    """{prompt_id: the mean reward of each of its groups, in order} from a version-1 ledger."""
+    """{prompt_id: the mean reward of each of its groups, in order} from a version-1 or -2 ledger (they differ
+    only in how the kept completion is stored)."""
     try:
         ledger = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise UserError(f"{path} is not valid JSON ({error.msg}, line {error.lineno})") from error
-    if not isinstance(ledger, dict) or ledger.get("version") != 1 or not isinstance(ledger.get("prompts"), dict):
-        raise UserError(f"{path} is not a version-1 prompt ledger: expected {{\"version\": 1, \"prompts\": {{prompt_id: {{\"group_rewards\": [...]}}}}}}")
+    if not isinstance(ledger, dict) or ledger.get("version") not in (1, 2) or not isinstance(ledger.get("prompts"), dict):
+        raise UserError(f"{path} is not a version-1 or -2 prompt ledger: expected {{\"version\": 2, \"prompts\": {{prompt_id: {{\"group_rewards\": [...]}}}}}}")
     try:
         # a group whose reward could not be computed is written as null: it tells nothing
         return {pid: [float(r) for r in (entry.get("group_rewards") or []) if r is not None] for pid, entry in ledger["prompts"].items()}

@@ -11,8 +11,13 @@ from `BUILTIN_SHAPES`. The estimate adds up, per GPU:
   (max_prompt_length + max_completion_length of the longest stage), with or without gradient
   checkpointing, TRL's chunked log-prob LM head, and the backward pass's working set,
 - generation phase (transformers `generate`): the KV cache of a whole generation batch at full length,
-- vLLM's share of the GPU (colocate mode reserves `vllm_gpu_memory_utilization` of it up front),
+- vLLM's share of the GPU (colocate mode reserves `vllm_gpu_memory_utilization` of it up front; with
+  `vllm_enable_sleep_mode` it holds that share while sampling only, and gives it back while training),
 - the CUDA context and the allocator's fragmentation (rules of thumb).
+
+Several GPUs (`--accelerate_config`, the file the run is launched with): ZeRO-2/3 and FSDP keep 1/N of the
+sharded state per GPU, CPU offload (FSDP2's CPUOffloadPolicy, DeepSpeed's offload_param/offload_optimizer)
+moves it to CPU memory, and what stays on the GPU is the weights and gradients of the layers in flight.
 
 The peak is the larger of the two phases. It assumes every completion reaches max_completion_length: early
 in a run completions are shorter, so a setting that is over budget can run for hours and then fail when
@@ -36,6 +41,11 @@ FRAGMENTATION = 0.10  # the caching allocator's unusable slack, as a share of ac
 # vocabulary in tiles of at most TOKEN_CHUNK tokens x VOCAB_CHUNK vocabulary entries.
 LOGPROB_TOKEN_CHUNK = 4096
 LOGPROB_VOCAB_CHUNK = 32768
+# vLLM asleep (sleep level 2, TRL's vllm_enable_sleep_mode) frees its weights and KV cache but keeps its
+# CUDA graphs and sampler buffers: a rule of thumb, like the CUDA context.
+VLLM_ASLEEP_BYTES = 1.0 * GIB
+# ZeRO-3 / FSDP gather the weights of the layer that computes and prefetch the next one.
+LAYERS_IN_FLIGHT = 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,16 +235,35 @@ class RunSetup:
     vllm_mode: str = "colocate"
     vllm_gpu_memory_utilization: float = 0.3
     dropout_mask_bytes: int = 1  # CUDA's fused dropout keeps a bool mask; on CPU it is in the input's dtype
+    vllm_sleep: bool = False  # vllm_enable_sleep_mode: vLLM frees its memory while the trainer trains
+    # Several GPUs (read from the accelerate config by `distribution_from_accelerate_config`).
+    num_gpus: int = 1
+    gpus_per_node: int = 1
+    sharding: str | None = None  # "zero2", "zero3" or "fsdp"; None: every GPU holds the whole model
+    offload_params: bool = False  # sharded weights (and, with FSDP2, gradients) live in CPU memory
+    offload_optimizer: bool = False  # optimizer state (and fp32 gradients) live in CPU memory
+    compute_bytes: int | None = None  # FSDP2 / DeepSpeed bf16: fp32 master weights, layers computed in 16 bits
+    autocast_estimate: bool = False  # autocast: count matmul outputs at 16 bits (the estimate), not fp32 (the bound)
 
     @property
     def activation_bytes(self) -> int:
-        # Quantized layers compute in, and return, the dtype of the rest of the model. Under autocast,
-        # residual stream and norms stay fp32 while matmuls return 16-bit: counting all at fp32 bounds it.
-        return self.weight_bytes
+        # Quantized layers compute in, and return, the dtype of the rest of the model. FSDP2's
+        # MixedPrecisionPolicy and DeepSpeed's bf16 hand the layers 16-bit weights: activations are 16-bit.
+        # Under autocast fp32 weights are cast per matmul (see `residual_bytes`): the bound counts all at fp32.
+        if self.compute_bytes:
+            return self.compute_bytes
+        return 2 if self.autocast and self.autocast_estimate else self.weight_bytes
+
+    @property
+    def residual_bytes(self) -> int:
+        """The residual stream and the layer norms' outputs: under autocast they stay fp32 (embeddings and
+        norm weights are fp32, additions are not autocast), while each matmul keeps its own 16-bit copy of
+        its input and returns 16 bits (so the q/k norms, which read q_proj / k_proj, keep 16-bit tensors)."""
+        return self.weight_bytes if self.autocast else self.activation_bytes
 
     @property
     def kv_bytes(self) -> int:
-        return 2 if self.autocast else self.weight_bytes
+        return 2 if self.autocast or self.compute_bytes else self.weight_bytes
 
     @property
     def adapter_bytes(self) -> int:
@@ -247,6 +276,10 @@ class RunSetup:
         return self.adapter_bytes if self.use_peft else self.weight_bytes
 
     @property
+    def shards_weights(self) -> bool:
+        return self.sharding in ("zero3", "fsdp") and not self.use_peft
+
+    @property
     def longest_completion(self) -> int:
         return max(length for _, _, length in self.stages)
 
@@ -256,6 +289,46 @@ def step_rollouts(training_args, chunked: bool = False) -> int:
     held = training_args.per_device_train_batch_size * training_args.steps_per_generation
     chunk = getattr(training_args, "generation_chunk_size", None)
     return min(held, chunk) if chunked and chunk and not training_args.use_vllm else held
+
+
+def distribution_from_accelerate_config(path: str, num_gpus: int | None = None) -> dict:
+    """The `RunSetup` fields an accelerate config file (accelerate/*.yaml) decides: GPU count, sharding,
+    CPU offload and whether the layers compute in 16 bits from fp32 master weights."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file() and not path.is_absolute() and (Path(__file__).resolve().parent / path).is_file():
+        path = Path(__file__).resolve().parent / path  # recipes name the project's accelerate/ files
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise UserError(f"cannot read the accelerate config {path}: {error}") from error
+    if not isinstance(config, dict) or "distributed_type" not in config:
+        raise UserError(f"{path} is not an accelerate config (no distributed_type): see accelerate/")
+    kind = str(config["distributed_type"])
+    machines = int(config.get("num_machines") or 1)
+    gpus = int(num_gpus or config.get("num_processes") or 1)
+    fields = dict(num_gpus=gpus, gpus_per_node=max(1, gpus // machines))
+    sixteen_bit = config.get("mixed_precision") in ("bf16", "fp16")
+    if kind == "DEEPSPEED":
+        deepspeed = config.get("deepspeed_config") or {}
+        stage = int(deepspeed.get("zero_stage", 0))
+        if stage not in (2, 3):
+            raise UserError(f"{path}: the planner covers DeepSpeed ZeRO stages 2 and 3, not {stage}")
+        fields.update(
+            sharding=f"zero{stage}",
+            offload_params=stage == 3 and deepspeed.get("offload_param_device") == "cpu",
+            offload_optimizer=deepspeed.get("offload_optimizer_device") == "cpu",
+            compute_bytes=2 if sixteen_bit else None,  # DeepSpeed bf16 turns the model into bf16, fp32 masters in the optimizer
+        )
+    elif kind == "FSDP":
+        fsdp = config.get("fsdp_config") or {}
+        offload = bool(fsdp.get("fsdp_offload_params"))
+        # FSDP2's CPUOffloadPolicy moves weights, gradients and the optimizer step to the CPU together.
+        fields.update(sharding="fsdp", offload_params=offload, offload_optimizer=offload, compute_bytes=2 if sixteen_bit else None)
+    elif kind not in ("MULTI_GPU", "NO"):
+        raise UserError(f"{path}: the planner covers DDP, DeepSpeed ZeRO-2/3 and FSDP, not {kind}")
+    return fields
 
 
 def setup_from_args(script_args, training_args, model_args) -> RunSetup:
@@ -275,6 +348,11 @@ def setup_from_args(script_args, training_args, model_args) -> RunSetup:
         stages = [(0, training_args.temperature, int(training_args.max_completion_length))]
     quantization = "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None
     optimizer = getattr(training_args.optim, "value", training_args.optim)
+    accelerate_config = getattr(script_args, "accelerate_config", None)
+    num_gpus = getattr(script_args, "num_gpus", None)
+    distribution = distribution_from_accelerate_config(accelerate_config, num_gpus) if accelerate_config else {}
+    if num_gpus and not accelerate_config:
+        distribution = dict(num_gpus=num_gpus, gpus_per_node=min(num_gpus, 8))
     return RunSetup(
         micro_batch=training_args.per_device_train_batch_size,
         generation_batch=step_rollouts(training_args, chunked=True),
@@ -285,7 +363,8 @@ def setup_from_args(script_args, training_args, model_args) -> RunSetup:
         stages=stages,
         num_generations=training_args.num_generations,
         weight_bytes=weight_bytes,
-        autocast=weight_bytes == FP32 and bool(sixteen_bit_compute),
+        # FSDP2 / DeepSpeed bf16 hand the layers 16-bit weights: no autocast at work (see `compute_bytes`).
+        autocast=weight_bytes == FP32 and bool(sixteen_bit_compute) and not distribution.get("compute_bytes"),
         quantization=quantization,
         double_quant=bool(model_args.use_bnb_nested_quant),
         use_peft=bool(model_args.use_peft),
@@ -298,6 +377,8 @@ def setup_from_args(script_args, training_args, model_args) -> RunSetup:
         use_vllm=bool(training_args.use_vllm),
         vllm_mode=training_args.vllm_mode,
         vllm_gpu_memory_utilization=training_args.vllm_gpu_memory_utilization,
+        vllm_sleep=bool(training_args.use_vllm and training_args.vllm_mode == "colocate" and training_args.vllm_enable_sleep_mode),
+        **distribution,
     )
 
 
@@ -384,9 +465,9 @@ def layer_activation_bytes(shape: ModelShape, setup: RunSetup) -> int:
     layers; tests/test_memory_planner.py checks it against the tensors autograd really saves."""
     a, h, inter = setup.activation_bytes, shape.hidden_size, shape.intermediate_size
     q, kv = shape.q_dim, shape.kv_dim
-    norms_train = not setup.use_peft
-    total = 2 * _rms_norm_saved_bytes(h, 1, norms_train, a)  # input and post-attention norms
-    if shape.qk_norm:
+    norms_train, r = not setup.use_peft, setup.residual_bytes
+    total = 2 * _rms_norm_saved_bytes(h, 1, norms_train, r)  # input and post-attention norms
+    if shape.qk_norm:  # they read q_proj / k_proj outputs: their normalised input is kept in that dtype
         total += _rms_norm_saved_bytes(q, shape.num_heads, norms_train, a)
         total += _rms_norm_saved_bytes(kv, shape.num_kv_heads, norms_train, a)
     # Attention keeps q, k and v after RoPE, its output (which is also o_proj's input) and a fp32 log-sum-exp per head.
@@ -400,7 +481,9 @@ def layer_activation_bytes(shape: ModelShape, setup: RunSetup) -> int:
         already_kept = group == "attention output"  # the attention output, counted above
         if not setup.use_peft:
             # A trained linear layer keeps its input for its weight's gradient; a frozen one keeps nothing.
-            total += 0 if already_kept else a * width
+            # Autocast casts an fp32 input (from a norm) once per matmul, and each keeps its own 16-bit copy.
+            copies = len(members) if r != a and group in ("attention input", "mlp input") else 1
+            total += 0 if already_kept else copies * a * width
             continue
         wrapped = [name for name in members if name in targets]
         if not wrapped:
@@ -427,7 +510,7 @@ def saved_activation_bytes(shape: ModelShape, setup: RunSetup, tokens: int, chec
         layers_in_flight = 1 if checkpointing else shape.num_layers
         weight_copies = 2 * (shape.linear_parameters() // shape.num_layers * layers_in_flight + shape.vocab_size * shape.hidden_size)
     if checkpointing:
-        return tokens * (shape.num_layers * setup.activation_bytes * shape.hidden_size + per_layer) + weight_copies
+        return tokens * (shape.num_layers * setup.residual_bytes * shape.hidden_size + per_layer) + weight_copies
     return tokens * shape.num_layers * per_layer + weight_copies
 
 
@@ -443,6 +526,12 @@ class PhaseEstimate:
     overhead: float
     activations_without_checkpointing: float
     activations_with_checkpointing: float
+    # vllm_enable_sleep_mode: vLLM holds its share while sampling only, `vllm_asleep` while training.
+    vllm_sleep: bool = False
+    vllm_asleep: float = 0.0
+    overhead_training: float = 0.0
+    overhead_generation: float = 0.0
+    cpu_offload_per_node: float = 0.0  # what CPU offload keeps in one node's CPU memory
 
     @property
     def allocated(self) -> float:
@@ -450,22 +539,69 @@ class PhaseEstimate:
         return max(self.training, self.generation)
 
     @property
+    def training_total(self) -> float:
+        return self.training + self.overhead_training + self.vllm_asleep
+
+    @property
+    def generation_total(self) -> float:
+        return self.generation + self.overhead_generation + (self.vllm_share or 0.0)
+
+    @property
     def peak_phase(self) -> str:
+        if self.vllm_sleep:
+            return "training" if self.training_total >= self.generation_total else "generation"
         return "training" if self.training >= self.generation else "generation"
 
     @property
     def total(self) -> float:
+        if self.vllm_sleep:  # the phases take turns on the GPU: the peak is the larger one
+            return max(self.training_total, self.generation_total)
         return self.allocated + self.overhead + (self.vllm_share or 0.0)
+
+
+def sharded_state(shape: ModelShape, setup: RunSetup, weights: float, gradients: float, optimizer: float) -> dict[str, float]:
+    """Per GPU under ZeRO / FSDP: 1/N of the state each shards, none of what CPU offload moves to CPU memory,
+    and the 16-bit weights and gradients of the layers in flight; `cpu` is what one GPU's share of CPU
+    memory holds. Without sharding (or with PEFT, whose adapters are small) every GPU holds everything."""
+    state = dict(weights=weights, gradients=gradients, optimizer=optimizer, weights_in_flight=0.0, gradients_in_flight=0.0, cpu=0.0)
+    if setup.sharding is None or setup.use_peft:
+        return state
+    n, compute = setup.num_gpus, setup.compute_bytes or setup.weight_bytes
+    parameters, h = shape.num_parameters(), shape.hidden_size
+    # The root module (embeddings, LM head when untied, final norm) stays gathered from forward to backward.
+    root = shape.vocab_size * h * (1 if shape.tie_word_embeddings else 2) + h
+    layer = (parameters - root) / shape.num_layers
+    on_gpu = lambda value, offloaded: (0.0, value / n) if offloaded else (value / n, 0.0)  # noqa: E731
+    if setup.sharding == "fsdp":
+        # FSDP2 shards the fp32 weights and gathers them in the compute dtype (MixedPrecisionPolicy).
+        shard_weights, cpu_weights = on_gpu(weights, setup.offload_params)
+    else:
+        # DeepSpeed keeps the model in 16 bits (ZeRO-3: 1/N of it, ZeRO-2: all of it) and the fp32 master
+        # weights in the optimizer, with the optimizer state.
+        model = parameters * compute
+        master = weights if compute != setup.weight_bytes else 0.0
+        model_gpu, model_cpu = on_gpu(model, setup.offload_params) if setup.sharding == "zero3" else (model, 0.0)
+        master_gpu, master_cpu = on_gpu(master, setup.offload_optimizer)
+        shard_weights, cpu_weights = model_gpu + master_gpu, model_cpu + master_cpu
+    shard_gradients, cpu_gradients = on_gpu(gradients, setup.offload_optimizer)
+    shard_optimizer, cpu_optimizer = on_gpu(optimizer, setup.offload_optimizer)
+    state.update(weights=shard_weights, gradients=shard_gradients, optimizer=shard_optimizer, cpu=cpu_weights + cpu_gradients + cpu_optimizer)
+    if setup.shards_weights:
+        state["weights_in_flight"] = compute * (root + LAYERS_IN_FLIGHT * layer)
+        state["gradients_in_flight"] = compute * (root + layer)  # unsharded until reduce-scattered
+    return state
 
 
 def estimate(shape: ModelShape, setup: RunSetup, completion_length: int, gpu_memory: float | None = None) -> PhaseEstimate:
     """Peak memory (bytes) of one GPU for completions of `completion_length` tokens."""
     a, h = setup.activation_bytes, shape.hidden_size
-    weights = weight_bytes(shape, setup)
     trainable = trainable_parameters(shape, setup)
-    gradients = trainable * setup.trainable_bytes
-    optimizer = trainable * optimizer_state_bytes(setup.optimizer, setup.trainable_bytes)
     adapters = trainable * setup.adapter_bytes if setup.use_peft else 0.0
+    state = sharded_state(
+        shape, setup, weight_bytes(shape, setup), trainable * setup.trainable_bytes,
+        trainable * optimizer_state_bytes(setup.optimizer, setup.trainable_bytes),
+    )  # fmt: skip
+    weights, gradients, optimizer = state["weights"], state["gradients"], state["optimizer"]
     persistent = weights + adapters + optimizer
 
     # Training: one micro-batch of full-length sequences (TRL pads to the longest in the batch).
@@ -474,27 +610,38 @@ def estimate(shape: ModelShape, setup: RunSetup, completion_length: int, gpu_mem
     without_checkpointing = saved_activation_bytes(shape, setup, tokens, checkpointing=False)
     activations = with_checkpointing if setup.gradient_checkpointing else without_checkpointing
     # The chunked log-prob head keeps the final norm's tensors and its input; its backward adds a logits
-    # tile, the fp32 gradient of the hidden states and, when the head trains, a fp32 weight gradient.
-    head_kept = tokens * (_rms_norm_saved_bytes(h, 1, not setup.use_peft, a) + a * h)
+    # tile, the fp32 gradient of the hidden states and, when the head trains, a fp32 weight gradient
+    # (sharded runs: counted with the gradients in flight).
+    head_kept = tokens * (_rms_norm_saved_bytes(h, 1, not setup.use_peft, setup.residual_bytes) + a * h)
     head_backward = min(tokens, LOGPROB_TOKEN_CHUNK) * min(shape.vocab_size, LOGPROB_VOCAB_CHUNK) * a + tokens * FP32 * h
-    if not setup.use_peft:
+    if not setup.use_peft and not setup.shards_weights:
         head_backward += shape.vocab_size * h * FP32
     # A layer's backward holds gradients of its widest intermediates (residual stream and MLP).
     layer_backward = tokens * a * (3 * h + 3 * shape.intermediate_size)
-    training = persistent + gradients + activations + head_kept + max(head_backward, layer_backward)
+    in_flight = state["weights_in_flight"] + state["gradients_in_flight"]
+    training = persistent + gradients + in_flight + activations + head_kept + max(head_backward, layer_backward)
 
     # Generation with transformers: the KV cache of the whole generation batch at full length, plus the
     # larger of the prompt prefill's intermediates (one layer) and, while decoding, the copy of one
     # layer's cache that DynamicCache makes as it grows and the fp32 logits of the last position.
     sequences, length = setup.generation_batch, setup.max_prompt_length + completion_length
+    weight_sync = 0.0
     if setup.use_vllm:
         kv_cache = generation_work = 0.0  # inside vLLM's own memory
+        if setup.shards_weights:
+            # TRL pushes the weights to vLLM one gathered tensor at a time; the largest is the embedding
+            # (FSDP2 gathers its fp32 shards, DeepSpeed its 16-bit partitions).
+            weight_sync = shape.vocab_size * h * (setup.weight_bytes if setup.sharding == "fsdp" else (setup.compute_bytes or setup.weight_bytes))
     else:
         kv_cache = sequences * length * shape.kv_cache_bytes_per_token(setup.kv_bytes)
         prefill = sequences * setup.max_prompt_length * a * (h + shape.q_dim + 2 * shape.kv_dim + 2 * shape.intermediate_size)
         decode = kv_cache / shape.num_layers + 2 * sequences * shape.vocab_size * FP32
         generation_work = max(prefill, decode)
-    generation = persistent + kv_cache + generation_work
+        if setup.shards_weights:
+            # transformers' generate runs on the gathered model: ZeRO-3 gathers all of it
+            # (ds3_gather_for_generation), FSDP2 a layer at a time.
+            generation_work += shape.num_parameters() * (setup.compute_bytes or setup.weight_bytes) if setup.sharding == "zero3" else state["weights_in_flight"]
+    generation = persistent + kv_cache + generation_work + weight_sync
 
     # The step's rollouts stay on the GPU from sampling to the last micro-batch, twice while repair copies
     # them: int64 prompt and completion ids and masks, fp32 advantages and, when kept, fp32 old log-probs.
@@ -506,21 +653,32 @@ def estimate(shape: ModelShape, setup: RunSetup, completion_length: int, gpu_mem
     vllm_share = 0.0
     if setup.use_vllm and setup.vllm_mode == "colocate":
         vllm_share = setup.vllm_gpu_memory_utilization * gpu_memory if gpu_memory else None
-    dynamic = activations + head_kept if training >= generation else kv_cache + generation_work
-    overhead = CUDA_CONTEXT_BYTES + FRAGMENTATION * dynamic
+    overhead_training = CUDA_CONTEXT_BYTES + FRAGMENTATION * (activations + head_kept)
+    overhead_generation = CUDA_CONTEXT_BYTES + FRAGMENTATION * (kv_cache + generation_work)
+    overhead = overhead_training if training >= generation else overhead_generation
     parts = {"weights": weights}
     if setup.use_peft:
         parts["trainable parameters (LoRA adapters)"] = adapters
+    parts |= {"gradients": gradients, "optimizer state": optimizer}
+    if setup.shards_weights:
+        parts["weights gathered in flight (16-bit)"] = state["weights_in_flight"]
+        parts["gradients in flight (16-bit)"] = state["gradients_in_flight"]
     parts |= {
-        "gradients": gradients,
-        "optimizer state": optimizer,
         "activations kept for backward": activations + head_kept,
         "backward working set": max(head_backward, layer_backward),
         "generation KV cache": kv_cache,
         "generation working set": generation_work,
-        "step's rollouts (ids, masks, log-probs)": held,
     }
-    return PhaseEstimate(completion_length, parts, training, generation, vllm_share, overhead, without_checkpointing, with_checkpointing)
+    if weight_sync:
+        parts["weight push to vLLM (one tensor)"] = weight_sync
+    parts["step's rollouts (ids, masks, log-probs)"] = held
+    return PhaseEstimate(
+        completion_length, parts, training, generation, vllm_share, overhead, without_checkpointing, with_checkpointing,
+        vllm_sleep=setup.vllm_sleep and setup.use_vllm and setup.vllm_mode == "colocate",
+        vllm_asleep=VLLM_ASLEEP_BYTES if setup.vllm_sleep else 0.0,
+        overhead_training=overhead_training, overhead_generation=overhead_generation,
+        cpu_offload_per_node=state["cpu"] * setup.gpus_per_node,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -575,9 +733,13 @@ def plan_warnings(plan: MemoryPlan) -> list[str]:
                 break
     longest = setup.max_prompt_length + setup.longest_completion
     if shape.max_position_embeddings and longest > shape.max_position_embeddings:
+        beyond = [step for step, _, length in setup.stages if setup.max_prompt_length + length > shape.max_position_embeddings]
         warnings.append(
-            f"prompt + completion reaches {longest} tokens, beyond the model's max_position_embeddings "
-            f"{shape.max_position_embeddings}: extend the context (rope scaling) or shorten the completions"
+            f"prompt + completion exceeds the model's max_position_embeddings {shape.max_position_embeddings} from step "
+            f"{beyond[0]} on (up to {longest} tokens): positions past it get RoPE angles the model was not trained on (no scaling; "
+            "POLARIS trained its later stages this way), and vLLM refuses such a max_model_len unless "
+            "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 is set. Memory is planned for the full length; rope scaling or shorter "
+            "completions avoid the extrapolation"
         )
     worst = plan.worst
     if not setup.gradient_checkpointing and worst.activations_without_checkpointing > 2 * worst.activations_with_checkpointing:
@@ -599,8 +761,11 @@ def plan_warnings(plan: MemoryPlan) -> list[str]:
 def describe_setup(plan: MemoryPlan) -> list[str]:
     setup, shape = plan.setup, plan.shape
     precision = {2: "16-bit", 4: "fp32"}.get(setup.weight_bytes, f"{setup.weight_bytes}-byte")
-    if setup.autocast:
-        precision = "fp32 (16-bit autocast compute; activations counted at fp32, an upper bound)"
+    if setup.compute_bytes and setup.weight_bytes == FP32:
+        how = "FSDP2's MixedPrecisionPolicy" if setup.sharding == "fsdp" else "DeepSpeed's bf16 model"
+        precision = f"fp32 master (layers computed in 16 bits by {how}, so activations are 16-bit)"
+    elif setup.autocast:
+        precision = "fp32 (16-bit autocast compute; activations at fp32, an upper bound: see below)"
     if setup.quantization == "4bit":
         weights = f"4-bit linear layers{' (nested quantization)' if setup.double_quant else ''}, {precision} embeddings and norms"
     elif setup.quantization == "8bit":
@@ -617,9 +782,10 @@ def describe_setup(plan: MemoryPlan) -> list[str]:
     else:
         training = f"full fine-tuning ({shape.num_parameters() / 1e9:.2f}B parameters), optimizer {setup.optimizer}"
     generation = (
-        f"vLLM ({setup.vllm_mode} mode)" if setup.use_vllm else f"transformers generate, {setup.generation_batch} sequences at once"
-    )
-    return [
+        f"vLLM ({setup.vllm_mode} mode{', asleep while training' if setup.vllm_sleep else ''})"
+        if setup.use_vllm else f"transformers generate, {setup.generation_batch} sequences at once"
+    )  # fmt: skip
+    lines = [
         f"model: {plan.model} ({shape.num_parameters() / 1e9:.2f}B parameters; shape from {plan.shape_source or 'arguments'})",
         f"weights: {weights}; {training}",
         f"training micro-batch: {setup.micro_batch} sequence(s) of up to {setup.max_prompt_length} prompt + "
@@ -627,6 +793,78 @@ def describe_setup(plan: MemoryPlan) -> list[str]:
         f"gradient checkpointing {'on' if setup.gradient_checkpointing else 'off'}",
         f"generation: {generation}",
     ]
+    if setup.num_gpus > 1 or setup.sharding:
+        sharding = {None: "data parallel (each GPU holds the whole model)", "zero2": "DeepSpeed ZeRO-2",
+                    "zero3": "DeepSpeed ZeRO-3", "fsdp": "FSDP2"}[setup.sharding]  # fmt: skip
+        offload = [name for name, on in (("weights", setup.offload_params), ("optimizer state", setup.offload_optimizer)) if on]
+        if setup.sharding == "fsdp" and setup.offload_params:
+            offload = ["weights, gradients and the optimizer step (CPUOffloadPolicy)"]
+        lines.append(
+            f"GPUs: {setup.num_gpus} ({setup.gpus_per_node} per node), {sharding}"
+            + (f", CPU offload of {' and '.join(offload)}" if offload else "")
+        )
+    return lines
+
+
+def autocast_note(plan: MemoryPlan, completion_length: int) -> list[str]:
+    """Both activation figures of an autocast run: the fp32 bound the verdict uses, and the estimate."""
+    import dataclasses
+
+    setup = plan.setup
+    bound = estimate(plan.shape, setup, completion_length, plan.gpu_memory)
+    likely = estimate(plan.shape, dataclasses.replace(setup, autocast_estimate=True), completion_length, plan.gpu_memory)
+    key = "activations kept for backward"
+    return [
+        f"Activations under bf16 autocast with fp32 weights: {gib(likely.parts[key])} GiB estimated, {gib(bound.parts[key])} GiB "
+        f"at most (the verdict uses the bound; total {gib(likely.total)} GiB with the estimate).",
+        "  Kept at 16 bits: each matmul's own copy of its input (q, k and v each cast the norm's fp32 output), attention",
+        "  inputs and output, the MLP's gate, up and SiLU outputs, the q/k norms' tensors. Kept at fp32: the residual stream",
+        "  (gradient-checkpoint inputs) and the layer norms' tensors, since embeddings and norm weights are fp32 and additions",
+        "  are not autocast. The estimate matches autograd under CPU autocast (tests/test_memory_planner.py); CUDA autocast's",
+        "  op list and the attention kernel chosen on the GPU decide the rest, unknowable offline: benchmarks/gpu_check.sh",
+        "  measures it.",
+    ]
+
+
+def fit_reasons(plan: MemoryPlan, worst: PhaseEstimate) -> list[str]:
+    """One line per distributed or vLLM option: what it keeps on the GPU, and where the rest went."""
+    setup, shape, reasons = plan.setup, plan.shape, []
+    p = shape.num_parameters()
+    if setup.shards_weights:
+        on_gpu = worst.parts["weights"] + worst.parts["gradients"] + worst.parts["optimizer state"]
+        where = (
+            f"CPU offload keeps {gib(worst.cpu_offload_per_node)} GiB of them in each node's CPU memory "
+            f"({setup.gpus_per_node} GPUs), {gib(on_gpu)} GiB stay on the GPU"
+            if worst.cpu_offload_per_node else f"1/{setup.num_gpus} of them, {gib(on_gpu)} GiB, per GPU"
+        )
+        reasons.append(
+            f"{'FSDP2' if setup.sharding == 'fsdp' else 'ZeRO-3'} shards fp32 weights, gradients and AdamW state "
+            f"({p / 1e9:.2f}B parameters): {where}; the layers in flight gather "
+            f"{gib(worst.parts['weights gathered in flight (16-bit)'] + worst.parts['gradients in flight (16-bit)'])} GiB of 16-bit weights and gradients"
+        )
+    elif setup.sharding == "zero2":
+        reasons.append(f"ZeRO-2 shards gradients and optimizer state over {setup.num_gpus} GPUs; every GPU holds all the weights")
+    if setup.compute_bytes and setup.weight_bytes == FP32:
+        reasons.append("the layers compute in bf16 from the fp32 master weights, so activations are bf16 (no fp32 bound needed)")
+    if setup.gradient_checkpointing:
+        reasons.append(
+            f"gradient checkpointing keeps each layer's input only: {gib(worst.parts['activations kept for backward'])} GiB for one "
+            f"{setup.max_prompt_length + worst.completion_length}-token sequence (micro-batch {setup.micro_batch}, no padding beyond it)"
+        )
+    if setup.num_gpus > 1:
+        reasons.append(
+            "no sequence parallelism: TRL 1.16's GRPOConfig refuses cp_size / sp_size > 1, so each GPU keeps a whole "
+            "sequence's activations (Ulysses over k GPUs would divide them by k); TRL's chunked log-prob head "
+            f"({LOGPROB_TOKEN_CHUNK}-token tiles) keeps full-length logits off the GPU"
+        )
+    if worst.vllm_sleep:
+        reasons.append(
+            f"vllm_enable_sleep_mode: vLLM takes {setup.vllm_gpu_memory_utilization:g} of the GPU while sampling and frees it while "
+            "training (sleep level 2: weights and KV cache dropped, weights pushed again before each sampling)"
+        )
+    elif setup.use_vllm and setup.vllm_mode == "colocate":
+        reasons.append(f"vLLM colocate holds {setup.vllm_gpu_memory_utilization:g} of the GPU all along (vllm_enable_sleep_mode frees it while training)")
+    return reasons if (setup.num_gpus > 1 or setup.sharding or worst.vllm_sleep) else []
 
 
 def format_plan(plan: MemoryPlan) -> str:
@@ -640,18 +878,34 @@ def format_plan(plan: MemoryPlan) -> str:
             other = worst.activations_without_checkpointing if plan.setup.gradient_checkpointing else worst.activations_with_checkpointing
             note = f"   ({'without' if plan.setup.gradient_checkpointing else 'with'} gradient checkpointing the layers would keep {gib(other)})"
         lines.append(f"  {name:<40}{gib(value):>8}{note}")
-    lines.append(f"  {'peak phase: ' + worst.peak_phase:<40}{gib(worst.allocated):>8}   (what torch.cuda.max_memory_allocated reports)")
-    lines.append(f"  {'CUDA context and fragmentation':<40}{gib(worst.overhead):>8}")
-    if plan.setup.use_vllm and plan.setup.vllm_mode == "colocate":
+    setup = plan.setup
+    if worst.vllm_sleep:
+        lines.append(f"  {'trainer peak (training)':<40}{gib(worst.training):>8}   (the trainer's part of torch.cuda.max_memory_allocated)")
+        # vLLM and the trainer take turns: each phase is the trainer's part plus vLLM's part at that time.
         share = gib(worst.vllm_share) if worst.vllm_share is not None else "?"
-        lines.append(f"  {'vLLM share (colocate)':<40}{share:>8}   (vllm_gpu_memory_utilization {plan.setup.vllm_gpu_memory_utilization})")
-    lines.append(f"  {'total':<40}{gib(worst.total):>8}")
+        lines += [
+            f"  {'while training':<40}{gib(worst.training_total):>8}   (trainer {gib(worst.training)} + CUDA context and fragmentation "
+            f"{gib(worst.overhead_training)} + vLLM asleep {gib(worst.vllm_asleep)}, a rule of thumb)",
+            f"  {'while sampling':<40}{gib(worst.generation_total):>8}   (trainer {gib(worst.generation)} + CUDA context and fragmentation "
+            f"{gib(worst.overhead_generation)} + vLLM awake {share}: vllm_gpu_memory_utilization {setup.vllm_gpu_memory_utilization})",
+        ]
+    else:
+        lines.append(f"  {'peak phase: ' + worst.peak_phase:<40}{gib(worst.allocated):>8}   (what torch.cuda.max_memory_allocated reports)")
+        lines.append(f"  {'CUDA context and fragmentation':<40}{gib(worst.overhead):>8}")
+        if setup.use_vllm and setup.vllm_mode == "colocate":
+            share = gib(worst.vllm_share) if worst.vllm_share is not None else "?"
+            lines.append(f"  {'vLLM share (colocate)':<40}{share:>8}   (vllm_gpu_memory_utilization {setup.vllm_gpu_memory_utilization}, held all along)")
+    phase = f"   (peak {'while ' + ('sampling' if worst.peak_phase == 'generation' else 'training')})" if worst.vllm_sleep else ""
+    lines.append(f"  {'total':<40}{gib(worst.total):>8}{phase}")
+    if setup.autocast and not setup.compute_bytes:
+        lines += ["", *autocast_note(plan, length)]
     if len(plan.stages) > 1:
         lines += ["", "By stage:"]
         for (s_step, temperature, s_length), e in plan.stages:
             verdict = "" if plan.gpu_memory is None else ("  fits" if e.total <= plan.gpu_memory else "  DOES NOT FIT")
-            lines.append(f"  from step {s_step:>5}: temperature {temperature}, max_completion_length {s_length:>6}: {gib(e.total):>7} GiB{verdict}")
-    if not plan.setup.use_peft:
+            phases = f"  (training {gib(e.training_total)}, sampling {gib(e.generation_total)})" if e.vllm_sleep else ""
+            lines.append(f"  from step {s_step:>5}: temperature {temperature}, max_completion_length {s_length:>6}: {gib(e.total):>7} GiB{verdict}{phases}")
+    if not setup.use_peft and setup.sharding is None:
         sharded = worst.parts["weights"] + worst.parts["gradients"] + worst.parts["optimizer state"]
         lines += [
             "",
@@ -659,6 +913,9 @@ def format_plan(plan: MemoryPlan) -> str:
             f"among the GPUs, for a total of {gib(worst.total - sharded + sharded / 8)} GiB per GPU on 8 GPUs and "
             f"{gib(worst.total - sharded + sharded / 32)} GiB on 32.",
         ]
+    reasons = fit_reasons(plan, worst)
+    if reasons:
+        lines += ["", "Why (what each option holds per GPU):", *("  - " + reason for reason in reasons)]
     lines.append("")
     if plan.gpu_memory is None:
         lines.append("No GPU size given: pass --gpu_memory GiB (e.g. 8, 12, 16, 24) for a verdict.")

@@ -57,6 +57,14 @@ class ScriptArguments(TrlScriptArguments):
         metadata={"help": "Print the estimated peak GPU memory by part and whether it fits, then exit without loading weights (memory_planner.py)."},
     )
     gpu_memory: float | None = field(default=None, metadata={"help": "GPU memory in GiB for --plan (default: this machine's GPU)."})
+    accelerate_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "The accelerate config the run is launched with (accelerate launch --config_file): --plan counts "
+            "its GPU count, ZeRO / FSDP sharding and CPU offload. Training itself takes them from the launcher."
+        },
+    )
+    num_gpus: int | None = field(default=None, metadata={"help": "GPUs for --plan (default: the accelerate config's num_processes)."})
     save_merged: bool = field(
         default=False,
         metadata={"help": "With --use_peft: also save the base model with the adapter merged in, to OUTPUT_DIR/merged."},
@@ -248,6 +256,24 @@ def check_model_options(training_args: PolarisConfig, model_args: ModelConfig):
             f"{bits} (QLoRA) cannot run with --use_vllm: TRL cannot sync LoRA adapters into quantized vLLM weights; "
             "drop --use_vllm (transformers then generates) or drop the quantization"
         )
+
+
+def launch_differs_from_plan(script_args: ScriptArguments, training_args: PolarisConfig) -> str | None:
+    """A note when the run was launched otherwise than the `--accelerate_config` its plan counts."""
+    import os
+
+    from memory_planner import distribution_from_accelerate_config
+
+    planned = distribution_from_accelerate_config(script_args.accelerate_config, script_args.num_gpus)
+    launched = "fsdp" if os.environ.get("ACCELERATE_USE_FSDP") == "true" else "deepspeed" if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" else None
+    wanted = {"fsdp": "fsdp", "zero2": "deepspeed", "zero3": "deepspeed"}.get(planned.get("sharding"))
+    if launched == wanted and training_args.world_size == planned["num_gpus"]:
+        return None
+    return (
+        f"the memory plan counts {script_args.accelerate_config} ({planned['num_gpus']} processes, {wanted or 'no sharding'}) "
+        f"but this run has {training_args.world_size} process(es), {launched or 'no sharding'}: launch with "
+        f"accelerate launch --config_file {script_args.accelerate_config}, or check the plan with --accelerate_config"
+    )
 
 
 def save_merged_model(adapter_dir: str | Path, merged_dir: str | Path, dtype=None, trust_remote_code: bool = False) -> Path:
@@ -456,6 +482,9 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
         from memory_planner import print_plan
 
         return print_plan(script_args, training_args, model_args)
+    note = launch_differs_from_plan(script_args, training_args) if script_args.accelerate_config else None
+    if note and training_args.process_index == 0:
+        print(f"note: {note}", file=sys.stderr)
     resume_checkpoint = find_resume_checkpoint(training_args)  # before anything loads: a wrong path fails at once
     model_args.model_name_or_path = resolve_toy(model_args.model_name_or_path, script_args, "model")
     if not model_args.model_name_or_path:

@@ -277,13 +277,23 @@ def test_vllm_backend_seeds_every_problem(toy_world, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 
 
-def write_ledger(path, group_rewards: dict):
+def write_ledger(path, group_rewards: dict, version: int = 2):
+    """A ledger as training writes it (batch_repair.PromptLedger, version 2), or as earlier runs did (1)."""
+    from batch_repair import PromptLedger
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    prompts = {
-        pid: {"seen": len(rewards), "group_rewards": rewards, "kept_completion": None, "kept_step": None}
-        for pid, rewards in group_rewards.items()
-    }
-    path.write_text(json.dumps({"version": 1, "prompts": prompts}))
+    if version == 1:
+        prompts = {
+            pid: {"seen": len(rewards), "group_rewards": rewards, "kept_completion": None, "kept_step": None}
+            for pid, rewards in group_rewards.items()
+        }
+        path.write_text(json.dumps({"version": 1, "prompts": prompts}))
+        return
+    ledger = PromptLedger()
+    for pid, rewards in group_rewards.items():
+        for reward in rewards:
+            ledger.record(pid, float("nan") if reward is None else reward, "\\boxed{1}" if reward == 1.0 else None, step=0)
+    ledger.save(path)
 
 
 def test_refresh_drops_exactly_the_prompts_above_the_threshold(tmp_path):
@@ -318,12 +328,15 @@ def test_refresh_drops_exactly_the_prompts_above_the_threshold(tmp_path):
 
 def test_refresh_reads_the_latest_checkpoint(tmp_path):
     from data import UserError, prompt_id
-    from filter_data import find_ledger
+    from filter_data import find_ledger, read_ledger
 
-    write_ledger(tmp_path / "run" / "checkpoint-5" / "prompt_ledger.json", {prompt_id("x"): [1.0]})
+    write_ledger(tmp_path / "run" / "checkpoint-5" / "prompt_ledger.json", {prompt_id("x"): [1.0]}, version=1)
+    # both versions read the same (version 1: earlier runs, plain-text completions)
+    assert read_ledger(tmp_path / "run" / "checkpoint-5" / "prompt_ledger.json") == {prompt_id("x"): [1.0]}
     write_ledger(tmp_path / "run" / "checkpoint-20" / "prompt_ledger.json", {prompt_id("x"): [0.5]})
     write_ledger(tmp_path / "run" / "checkpoint-100" / "prompt_ledger.json", {prompt_id("x"): [0.0]})
     assert find_ledger(str(tmp_path / "run")) == tmp_path / "run" / "checkpoint-100" / "prompt_ledger.json"
+    assert read_ledger(tmp_path / "run" / "checkpoint-20" / "prompt_ledger.json") == {prompt_id("x"): [0.5]}
     with pytest.raises(UserError, match="no prompt_ledger.json"):
         find_ledger(str(tmp_path / "elsewhere"))
 

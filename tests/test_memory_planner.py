@@ -188,6 +188,23 @@ def test_layer_activations_match_what_autograd_saves(case):
     assert one_layer_bytes(make_config, getattr(torch, dtype), **measured_settings) == planned
 
 
+def test_autocast_estimate_matches_what_autograd_saves_under_cpu_autocast():
+    """fp32 weights under bf16 autocast: the planner's estimate is what autograd keeps (the 16-bit weight copies
+    autocast makes are counted apart), between the all-bf16 count and the fp32 bound the verdict uses."""
+    import torch
+
+    def measured(layers):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return saved_tensor_bytes_per_token(tiny_qwen3_config(layers), torch.float32)
+
+    shape = mp.ModelShape.from_config(tiny_qwen3_config().to_dict())
+    weight_copies = 2 * shape.linear_parameters() / shape.num_layers / 128  # per token of the (2, 64) batch
+    estimate = mp.layer_activation_bytes(shape, setup(weight_bytes=4, autocast=True, autocast_estimate=True))
+    assert measured(3) - measured(2) - weight_copies == estimate
+    bound = mp.layer_activation_bytes(shape, setup(weight_bytes=4, autocast=True))
+    assert mp.layer_activation_bytes(shape, setup(weight_bytes=2)) < estimate < bound
+
+
 def test_checkpointed_layers_keep_only_their_input():
     import torch
 
@@ -314,3 +331,93 @@ def test_gpu_check_runs_end_to_end_in_reduced_mode(tmp_path):
         assert 0 < row["planned_generation_bytes"] and 0 < row["planned_training_bytes"]
         assert (row["rollout_tokens_per_s"] or 0) > 0 if row["sampling"] == "generate" else row["rollout_tokens_per_s"] is None
     assert "qwen3-4b-qlora" in result.stdout and "results:" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# Several GPUs: sharding, CPU offload, vLLM sleep mode
+# ----------------------------------------------------------------------------------------------
+
+
+QWEN3_4B = mp.BUILTIN_SHAPES["Qwen/Qwen3-4B"]
+
+
+def full_setup(**overrides):
+    values = dict(micro_batch=1, generation_batch=8, step_rollouts=32, max_prompt_length=1024, stages=[(0, 1.0, 8192)],
+                  weight_bytes=4, optimizer="adamw_torch_fused", use_vllm=True, vllm_gpu_memory_utilization=0.8)  # fmt: skip
+    return mp.RunSetup(**{**values, **overrides})
+
+
+def test_fsdp_shards_and_offloads_by_hand():
+    p = QWEN3_4B.num_parameters()
+    root = 151936 * 2560 + 2560  # tied embeddings and the final norm stay gathered
+    layer = (p - root) / 36
+    sharded = mp.estimate(QWEN3_4B, full_setup(sharding="fsdp", num_gpus=8, gpus_per_node=8, compute_bytes=2), 8192, 80 * mp.GIB)
+    assert sharded.parts["weights"] == p * 4 / 8 and sharded.parts["gradients"] == p * 4 / 8
+    assert sharded.parts["optimizer state"] == p * 8 / 8
+    assert sharded.parts["weights gathered in flight (16-bit)"] == 2 * (root + 2 * layer)
+    assert sharded.parts["gradients in flight (16-bit)"] == 2 * (root + layer)
+    offloaded = mp.estimate(
+        QWEN3_4B, full_setup(sharding="fsdp", num_gpus=32, gpus_per_node=8, compute_bytes=2, offload_params=True, offload_optimizer=True),
+        8192, 80 * mp.GIB,
+    )  # fmt: skip
+    assert offloaded.parts["weights"] == offloaded.parts["gradients"] == offloaded.parts["optimizer state"] == 0
+    assert offloaded.cpu_offload_per_node == pytest.approx(p * 16 / 32 * 8)
+    # bf16 compute from fp32 masters: the activations are the bf16 ones, not the fp32 bound.
+    bf16 = mp.estimate(QWEN3_4B, full_setup(weight_bytes=2), 8192, 80 * mp.GIB)
+    assert offloaded.parts["activations kept for backward"] == bf16.parts["activations kept for backward"]
+
+
+def test_deepspeed_zero3_keeps_a_16_bit_model_beside_the_fp32_masters():
+    p = QWEN3_4B.num_parameters()
+    e = mp.estimate(QWEN3_4B, full_setup(sharding="zero3", num_gpus=8, compute_bytes=2), 8192, 80 * mp.GIB)
+    assert e.parts["weights"] == pytest.approx(p * (2 + 4) / 8)
+    params_only = mp.estimate(QWEN3_4B, full_setup(sharding="zero3", num_gpus=8, compute_bytes=2, offload_params=True), 8192, 80 * mp.GIB)
+    assert params_only.parts["weights"] == pytest.approx(p * 4 / 8)  # the fp32 masters go with the optimizer
+    zero2 = mp.estimate(QWEN3_4B, full_setup(sharding="zero2", num_gpus=8, compute_bytes=2), 8192, 80 * mp.GIB)
+    assert zero2.parts["weights"] == pytest.approx(p * 2 + p * 4 / 8) and zero2.parts["optimizer state"] == p * 8 / 8
+
+
+def test_vllm_sleep_mode_takes_turns_with_the_trainer():
+    awake = mp.estimate(QWEN3_4B, full_setup(), 8192, 80 * mp.GIB)
+    asleep = mp.estimate(QWEN3_4B, full_setup(vllm_sleep=True), 8192, 80 * mp.GIB)
+    assert awake.total == awake.allocated + awake.overhead + 64 * mp.GIB  # held while training too
+    assert asleep.total == max(asleep.training_total, asleep.generation_total)
+    assert asleep.training_total == asleep.training + asleep.overhead_training + mp.VLLM_ASLEEP_BYTES
+    assert asleep.generation_total == asleep.generation + asleep.overhead_generation + 64 * mp.GIB
+    assert asleep.total < awake.total
+
+
+def test_accelerate_configs_give_the_distribution():
+    fsdp = mp.distribution_from_accelerate_config(str(ROOT / "accelerate" / "fsdp_offload.yaml"))
+    assert fsdp == dict(num_gpus=32, gpus_per_node=8, sharding="fsdp", offload_params=True, offload_optimizer=True, compute_bytes=2)
+    zero3 = mp.distribution_from_accelerate_config(str(ROOT / "accelerate" / "deepspeed_zero3.yaml"), num_gpus=16)
+    assert zero3["sharding"] == "zero3" and zero3["num_gpus"] == 16 and not zero3["offload_params"]
+    assert mp.distribution_from_accelerate_config(str(ROOT / "accelerate" / "multi_gpu.yaml")) == dict(num_gpus=8, gpus_per_node=8)
+    with pytest.raises(UserError, match="cannot read"):
+        mp.distribution_from_accelerate_config(str(ROOT / "no-such.yaml"))
+    with pytest.raises(UserError, match="not an accelerate config"):
+        mp.distribution_from_accelerate_config(str(ROOT / "recipes" / "demo.yaml"))
+
+
+def test_polaris_4b_plan_says_why_and_warns_about_positions(monkeypatch, capsys):
+    import train_grpo
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    plan = train_grpo.main(*train_grpo.parse_args(["--config", str(ROOT / "recipes" / "polaris-4b.yaml"), "--plan", "--gpu_memory", "80"]))
+    out = capsys.readouterr().out
+    assert plan.fits and "Fits a 80 GiB GPU" in out
+    assert "while training" in out and "while sampling" in out and "Why (what each option holds per GPU)" in out
+    assert "no sequence parallelism" in out and "CPU offload keeps" in out
+    assert any("40960 from step 300 on (up to 53248 tokens)" in w and "VLLM_ALLOW_LONG_MAX_MODEL_LEN" in w for w in plan.warnings)
+    # Without the POLARIS options the same recipe does not fit: they are what makes it fit.
+    plain = train_grpo.main(*train_grpo.parse_args([
+        "--config", str(ROOT / "recipes" / "polaris-4b.yaml"), "--plan", "--gpu_memory", "80",
+        "--accelerate_config", str(ROOT / "accelerate" / "single_gpu.yaml"), "--vllm_enable_sleep_mode", "false",
+    ]))  # fmt: skip
+    assert not plain.fits
+
+
+def test_autocast_plan_prints_both_activation_figures():
+    plan = mp.plan_memory("Qwen/Qwen3-4B", QWEN3_4B, full_setup(autocast=True, use_vllm=False), 80)
+    text = mp.format_plan(plan)
+    assert "estimated" in text and "at most (the verdict uses the bound" in text

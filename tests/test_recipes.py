@@ -73,6 +73,10 @@ def test_polaris_recipes_keep_the_published_numbers(name, model, temperatures, l
     # 128 prompts x 8 rollouts per step on the 32 GPUs the header launches.
     assert "--num_processes 32" in (ROOT / "recipes" / name).read_text()
     assert training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * 32 == 128 * 8
+    # verl's hybrid engine at rollout.gpu_memory_utilization=0.8, FSDP with param and optimizer offload.
+    assert training_args.vllm_enable_sleep_mode and training_args.vllm_gpu_memory_utilization == 0.8
+    script_args, _, _ = parse_args(["--config", str(ROOT / "recipes" / name)])
+    assert script_args.accelerate_config == "accelerate/fsdp_offload.yaml"
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
@@ -86,7 +90,12 @@ def test_plan_runs_offline(recipe, offline_hub, monkeypatch, capsys):
     plan = train_grpo.main(*args)
     assert isinstance(plan, memory_planner.MemoryPlan)
     assert "Memory plan" in capsys.readouterr().out
-    if recipe.name in POLARIS_RECIPES or recipe.name == "demo.yaml":
+    if recipe.name in POLARIS_RECIPES:
+        # POLARIS's 80 GB GPUs, on the GPU count of the recipe's accelerate config (4 nodes x 8).
+        assert plan.setup.num_gpus == 32 and plan.setup.sharding == "fsdp" and plan.setup.offload_params
+        assert plan.fits and plan.worst.vllm_sleep
+        return
+    if recipe.name == "demo.yaml":
         return
     # A consumer preset fits the GPU it is written for, and its header states the planner's number.
     assert gpu and expected_peak, f"{recipe.name} lacks 'on one N GB GPU' or 'Expected peak: X GiB' in its header"
@@ -109,9 +118,10 @@ def test_accelerate_config_loads_as_accelerate_launch_loads_it(config, monkeypat
         "deepspeed_zero2.yaml": ("DEEPSPEED", 8),
         "deepspeed_zero3.yaml": ("DEEPSPEED", 8),
         "fsdp.yaml": ("FSDP", 8),
+        "fsdp_offload.yaml": ("FSDP", 32),
     }[config.name]
     assert (cluster.distributed_type.value, args.num_processes) == expected
-    assert args.use_deepspeed == config.name.startswith("deepspeed") and args.use_fsdp == (config.name == "fsdp.yaml")
+    assert args.use_deepspeed == config.name.startswith("deepspeed") and args.use_fsdp == config.name.startswith("fsdp")
     if args.use_deepspeed:
         assert cluster.deepspeed_config["zero_stage"] == int(config.name[-6])
         assert "gradient_accumulation_steps" not in cluster.deepspeed_config  # taken from the recipe
@@ -124,3 +134,21 @@ def test_accelerate_config_loads_as_accelerate_launch_loads_it(config, monkeypat
                 monkeypatch.setenv(key, value)
         plugin = FullyShardedDataParallelPlugin()
         assert plugin.fsdp_version == 2 and plugin.state_dict_type.name == "FULL_STATE_DICT"
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        # The POLARIS recipes' file offloads weights, gradients and optimizer state to the CPU, as verl did.
+        assert isinstance(plugin.cpu_offload, CPUOffloadPolicy) == (config.name == "fsdp_offload.yaml")
+
+
+def test_a_run_launched_otherwise_than_its_plan_is_noted(monkeypatch):
+    import train_grpo
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    script_args, training_args, _ = train_grpo.parse_args(["--config", str(ROOT / "recipes" / "polaris-4b.yaml")])
+    note = train_grpo.launch_differs_from_plan(script_args, training_args)
+    assert "32 processes, fsdp" in note and "1 process(es), no sharding" in note
+    script_args, training_args, _ = train_grpo.parse_args(
+        ["--config", str(ROOT / "recipes" / "demo.yaml"), "--accelerate_config", str(ROOT / "accelerate" / "single_gpu.yaml")]
+    )
+    assert train_grpo.launch_differs_from_plan(script_args, training_args) is None

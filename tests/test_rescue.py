@@ -136,26 +136,32 @@ def test_fresh_groups_fill_first_then_substitution():
     assert not enough_informative(3, 4, 1 / 3, substitute=False) and enough_informative(4, 4, 1 / 3, substitute=False)
 
 
+PAD = 0
+
+
+def process_slice(first_token, prompt_lengths, completion_lengths):
+    """One process' rows as TRL returns them: row r's tokens are all `first_token + r`, its old log-probs
+    the negative, left-padded prompts and right-padded completions of the given lengths."""
+    pad, rows = PAD, len(prompt_lengths)
+    prompt_width, completion_width = max(prompt_lengths), max(completion_lengths)
+    batch = {
+        "prompt_ids": torch.full((rows, prompt_width), pad), "prompt_mask": torch.zeros(rows, prompt_width, dtype=torch.long),
+        "completion_ids": torch.full((rows, completion_width), pad), "completion_mask": torch.zeros(rows, completion_width, dtype=torch.long),
+        "old_per_token_logps": torch.zeros(rows, completion_width),
+        "advantages": torch.arange(rows, dtype=torch.float) + first_token, "num_items_in_batch": torch.tensor(0),
+    }
+    for r, (p, c) in enumerate(zip(prompt_lengths, completion_lengths)):
+        batch["prompt_ids"][r, prompt_width - p :] = first_token + r
+        batch["prompt_mask"][r, prompt_width - p :] = 1
+        batch["completion_ids"][r, :c] = first_token + r
+        batch["completion_mask"][r, :c] = 1
+        batch["old_per_token_logps"][r, :c] = -(first_token + r)
+    return batch
+
+
 def test_copied_rows_carry_their_own_tokens_logps_and_advantages_across_processes():
     """Two processes' slices of different padding widths, merged as gathering does, then groups copied."""
-    pad = 0
-
-    def process_slice(first_token, prompt_lengths, completion_lengths):
-        rows = len(prompt_lengths)
-        prompt_width, completion_width = max(prompt_lengths), max(completion_lengths)
-        batch = {
-            "prompt_ids": torch.full((rows, prompt_width), pad), "prompt_mask": torch.zeros(rows, prompt_width, dtype=torch.long),
-            "completion_ids": torch.full((rows, completion_width), pad), "completion_mask": torch.zeros(rows, completion_width, dtype=torch.long),
-            "old_per_token_logps": torch.zeros(rows, completion_width),
-            "advantages": torch.arange(rows, dtype=torch.float) + first_token, "num_items_in_batch": torch.tensor(0),
-        }
-        for r, (p, c) in enumerate(zip(prompt_lengths, completion_lengths)):
-            batch["prompt_ids"][r, prompt_width - p :] = first_token + r
-            batch["prompt_mask"][r, prompt_width - p :] = 1
-            batch["completion_ids"][r, :c] = first_token + r
-            batch["completion_mask"][r, :c] = 1
-            batch["old_per_token_logps"][r, :c] = -(first_token + r)
-        return batch
+    pad = PAD
 
     # 2 processes x 6 rows, groups of 4: group 1 straddles the processes
     process0 = process_slice(100, [2, 3, 2, 2, 3, 3], [4, 1, 2, 3, 2, 2])
@@ -183,25 +189,114 @@ def test_copied_rows_carry_their_own_tokens_logps_and_advantages_across_processe
         row_fields({**process0, "pixel_values": torch.zeros(6, 3)}, pad)
 
 
+class ThreadedProcesses:
+    """An accelerator per thread whose `gather` and `broadcast` are real collectives over the threads (a
+    barrier), so `copy_rows` runs as on several processes; `received_rows` counts the rows process 0 gets."""
+
+    def __init__(self, num_processes):
+        import threading
+
+        self.num_processes, self.barrier, self.slots = num_processes, threading.Barrier(num_processes), [None] * num_processes
+        self.received_rows = 0
+
+    def gather(self, process, tensor):
+        self.slots[process] = tensor
+        self.barrier.wait()
+        result = torch.cat(self.slots)
+        self.barrier.wait()
+        return result
+
+    def broadcast(self, process, tensor, from_process):
+        if process == from_process:
+            self.slots[0] = tensor
+        self.barrier.wait()
+        if process != from_process:
+            tensor.copy_(self.slots[0])
+            if process == 0:
+                self.received_rows += tensor.shape[0]
+        self.barrier.wait()
+        return tensor
+
+    def accelerator(self, process):
+        group = self
+
+        class Accelerator:
+            num_processes, process_index = group.num_processes, process
+
+            def gather(self, tensor):
+                return group.gather(process, tensor)
+
+        return Accelerator()
+
+    def run(self, function):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.num_processes) as pool:
+            return list(pool.map(lambda p: function(self.accelerator(p), lambda t, source: self.broadcast(p, t, source)), range(self.num_processes)))
+
+
+def test_copy_rows_moves_only_copied_rows_and_gives_the_whole_batch_gathers_rows():
+    """3 processes x 8 rows, groups of 4, two batches (the second: dynamic sampling's fresh groups):
+    every process gets exactly the rows the whole-batch gather gave, and only cross-process copies travel."""
+    from batch_repair import copy_rows, rows_to_send
+
+    lengths = lambda seed: ([1 + (seed + r) % 4 for r in range(8)], [1 + (seed * 3 + r) % 7 for r in range(8)])  # noqa: E731
+    batches = [[process_slice(1000 * b + 100 * p, *lengths(3 * b + p)) for p in range(3)] for b in range(2)]
+    fields = row_fields(batches[0][0], PAD)
+    whole = merge_rows([merge_rows(batch, fields) for batch in batches], fields)  # what gathering every row gave every process
+    # groups: 0-1 on process 0, 2-3 on 1, 4-5 on 2; fresh groups 6-11. Group 0 <- 3, 1 <- 1, 2 <- 9 (fresh, process 1),
+    # 3 <- 3, 4 <- 0, 5 <- 11 (fresh, process 2)
+    sources = row_sources([3, 1, 9, 3, 0, 11], 4).tolist()
+    group = ThreadedProcesses(3)
+    copied = group.run(
+        lambda accelerator, broadcast: copy_rows(accelerator, [batch[accelerator.process_index] for batch in batches], fields, sources, broadcast)
+    )
+    for process, rows in enumerate(copied):
+        expected = take_rows(whole, torch.tensor(sources[process * 8 : (process + 1) * 8]))
+        assert rows.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(rows[key], expected[key]), (process, key)
+    sends = rows_to_send(sources, 8, 3)
+    assert [len(rows) for rows in sends] == [4, 4, 0]  # group 3 (process 1) to process 0; group 0 (process 0) to process 2
+    assert sum(len(rows) for rows in sends) < whole["completion_ids"].shape[0]
+    # process 0 receives only the 4 rows of group 3 it copies (it sends group 0's rows to process 2), once per
+    # field, where the whole-batch gather brought it all 48 rows
+    assert group.received_rows == len(fields) * 4
+
+
 def test_ledger_file_format_and_round_trip(tmp_path):
+    import base64
+    import zlib
+
+    kept = "<think>1+1=2</think>\n\\boxed{2}"
     ledger = PromptLedger()
-    ledger.record("p1", 0.25, "<think>1+1=2</think>\n\\boxed{2}", step=3)
+    ledger.record("p1", 0.25, kept, step=3)
     ledger.record("p1", 0.0)
     ledger.record("p2", float("nan"))
     path = ledger.save(tmp_path / LEDGER_FILE)
     content = json.loads(path.read_text())
     assert content == {
-        "version": 1,
+        "version": 2,
         "prompts": {
-            "p1": {"seen": 2, "group_rewards": [0.25, 0.0], "kept_completion": "<think>1+1=2</think>\n\\boxed{2}", "kept_step": 3},
-            "p2": {"seen": 1, "group_rewards": [None], "kept_completion": None, "kept_step": None},
+            "p1": {"seen": 2, "group_rewards": [0.25, 0.0], "kept_completion_zlib": content["prompts"]["p1"]["kept_completion_zlib"], "kept_step": 3},
+            "p2": {"seen": 1, "group_rewards": [None], "kept_completion_zlib": None, "kept_step": None},
         },
     }
+    # the completion as the docstring says to read it back
+    assert zlib.decompress(base64.b64decode(content["prompts"]["p1"]["kept_completion_zlib"])).decode() == kept
     loaded = PromptLedger.load(path)
-    assert loaded.kept_completion("p1").endswith("{2}") and loaded.kept_completion("p3") is None
+    assert loaded.kept_completion("p1") == kept and loaded.kept_completion("p3") is None and not loaded.has_kept("p2")
     assert loaded.digest() == ledger.digest()
+    ledger.record("p2", 1.0, "x", step=4)
+    assert loaded.digest() != ledger.digest()
+    # a version-1 ledger (plain-text completion), as earlier runs wrote it, is still read
+    (tmp_path / "v1.json").write_text(json.dumps({"version": 1, "prompts": {
+        "p1": {"seen": 2, "group_rewards": [0.25, 0.0], "kept_completion": kept, "kept_step": 3},
+        "p2": {"seen": 1, "group_rewards": [None], "kept_completion": None, "kept_step": None},
+    }}))  # fmt: skip
+    assert PromptLedger.load(tmp_path / "v1.json").digest() == loaded.digest()
     (tmp_path / "bad.json").write_text('{"version": 9}')
-    with pytest.raises(UserError, match="version-1"):
+    with pytest.raises(UserError, match="version-1 or version-2"):
         PromptLedger.load(tmp_path / "bad.json")
 
 
@@ -281,11 +376,12 @@ def test_trainer_rescues_and_substitutes_known_groups(toy_world, tmp_path):
     assert torch.allclose(logps[mask], output["old_per_token_logps"][mask], atol=1e-4)
 
     # the ledger records the model's own results (before rescue) and the newest correct completion
-    entries = trainer.ledger.prompts
-    assert entries[ids[0]] == {"seen": 2, "group_rewards": [1.0, 0.0], "kept_completion": KEPT, "kept_step": 0}
-    assert entries[ids[1]]["group_rewards"] == [0.5] and entries[ids[1]]["kept_completion"] == completion_text(trainer, output, 5)
-    assert entries[ids[2]] == {"seen": 1, "group_rewards": [0.0], "kept_completion": None, "kept_step": None}
-    assert entries[ids[3]]["group_rewards"] == [1.0] and isinstance(entries[ids[3]]["kept_completion"], str)
+    entries, ledger = trainer.ledger.prompts, trainer.ledger
+    assert entries[ids[0]]["seen"] == 2 and entries[ids[0]]["group_rewards"] == [1.0, 0.0] and entries[ids[0]]["kept_step"] == 0
+    assert ledger.kept_completion(ids[0]) == KEPT
+    assert entries[ids[1]]["group_rewards"] == [0.5] and ledger.kept_completion(ids[1]) == completion_text(trainer, output, 5)
+    assert entries[ids[2]] == {"seen": 1, "group_rewards": [0.0], "kept_zlib": None, "kept_step": None}
+    assert entries[ids[3]]["group_rewards"] == [1.0] and isinstance(ledger.kept_completion(ids[3]), str)
 
 
 def test_too_few_informative_groups_keep_the_batch_and_dynamic_sampling_fills_it(toy_world, tmp_path):
@@ -330,7 +426,7 @@ def test_ledger_is_saved_with_checkpoints_and_read_back_on_resume(toy_world, tmp
     assert sum(e["seen"] for e in resumed.ledger.prompts.values()) == 8  # one step read back, one trained
     for pid, entry in checkpoint.items():
         assert resumed.ledger.prompts[pid]["group_rewards"][: entry["seen"]] == entry["group_rewards"]
-        if entry["kept_completion"] is not None:
+        if entry["kept_zlib"] is not None:
             assert resumed.ledger.kept_completion(pid) is not None
 
 
