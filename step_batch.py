@@ -22,6 +22,8 @@ for several steps, TRL's off-policy mode) is kept; each micro-batch then gets th
 optimizer step as `num_items_in_batch`, so the loss stays the token-mean of each step.
 """
 
+import sys
+
 import torch
 
 from batch_repair import loss_token_count
@@ -91,6 +93,12 @@ class StepBatchMixin:
     Hooks into TRL 1.16: `_generate_single_turn` (transformers generation in `generation_chunk_size` calls;
     vLLM manages its own memory and gets the whole batch), `_prepare_inputs` (the `num_items_in_batch` of
     every micro-batch of a new generation batch)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.accelerator.is_main_process:
+            for line in getattr(self.args, "geometry_notes", []):
+                print(f"note: {line}", file=sys.stderr)
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         chunk = getattr(self.args, "generation_chunk_size", None)

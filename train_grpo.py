@@ -151,9 +151,8 @@ class PolarisConfig(GRPOConfig):
         from schedules import resolve_stage_config
 
         resolve_stage_config(self)
-        for line in ([note] if note else []) + check_step_geometry(self):
-            if self.process_index == 0:
-                print(f"note: {line}", file=sys.stderr)
+        # Printed when a trainer is built (step_batch.py), not here: a command that fails later gets one line.
+        self.geometry_notes = ([note] if note else []) + check_step_geometry(self)
 
 
 class PolarisGRPOTrainer(CheckpointMixin, BatchRepairMixin, StepBatchMixin, GRPOTrainer):

@@ -41,23 +41,23 @@ def test_every_recipe_repairs_over_the_prompts_of_an_optimizer_step(recipe):
         assert "repaired\n#   together (all 8 groups)" in recipe.read_text()
 
 
-def test_steps_per_generation_below_the_step_becomes_the_chunk_size(capsys):
+def test_steps_per_generation_below_the_step_becomes_the_chunk_size():
     from train_grpo import parse_args
 
     _, config, _ = parse_args(["--output_dir", "x", "--per_device_train_batch_size", "2", "--steps_per_generation", "4",
                                "--gradient_accumulation_steps", "32", "--num_generations", "8"])
     assert config.generation_chunk_size == 8 and config.steps_per_generation == 32 and config.generation_batch_size == 64
-    assert "sampling 8 sequences at a time" in capsys.readouterr().err
+    assert "sampling 8 sequences at a time" in config.geometry_notes[0]
 
 
-def test_too_few_groups_for_repair_is_one_line_and_bad_geometry_is_refused(capsys):
+def test_too_few_groups_for_repair_is_one_line_and_bad_geometry_is_refused():
     from train_grpo import parse_args
 
-    parse_args(["--output_dir", "x", "--per_device_train_batch_size", "8", "--num_generations", "8"])
-    err = capsys.readouterr().err
-    assert "batch repair sees 1 group(s)" in err and "--gradient_accumulation_steps" in err
-    parse_args(["--output_dir", "x", "--per_device_train_batch_size", "8", "--num_generations", "8", "--informative_substitution", "false"])
-    assert "batch repair sees" not in capsys.readouterr().err
+    _, config, _ = parse_args(["--output_dir", "x", "--per_device_train_batch_size", "8", "--num_generations", "8"])
+    [note] = config.geometry_notes
+    assert "batch repair sees 1 group(s)" in note and "--gradient_accumulation_steps" in note
+    _, config, _ = parse_args(["--output_dir", "x", "--per_device_train_batch_size", "8", "--num_generations", "8", "--informative_substitution", "false"])
+    assert config.geometry_notes == []
     with pytest.raises(UserError, match="generation_chunk_size"):
         parse_args(["--output_dir", "x", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4",
                     "--generation_batch_size", "8", "--num_generations", "4"])
@@ -156,7 +156,7 @@ def first_step_gradients(toy_world, tmp_path, monkeypatch, name, polaris=True, *
     return recorder.gradients, calls, trainer.state.log_history[0]
 
 
-def test_the_accumulated_gradient_is_the_one_big_batch_gradient(toy_world, tmp_path, monkeypatch):
+def test_the_accumulated_gradient_is_the_one_big_batch_gradient(toy_world, tmp_path, monkeypatch, capsys):
     reference, calls, log = first_step_gradients(toy_world, tmp_path, monkeypatch, "big", per_device_train_batch_size=16)
     assert calls == [16] and 0 < log["trained/frac_reward_zero_std"] + log["repair/informative_before"]
     chunkings = {  # name: (geometry, sequences per sampling call)
@@ -166,6 +166,8 @@ def test_the_accumulated_gradient_is_the_one_big_batch_gradient(toy_world, tmp_p
     for name, (geometry, expected_calls) in chunkings.items():
         gradients, calls, _ = first_step_gradients(toy_world, tmp_path, monkeypatch, name, **geometry)
         assert calls == expected_calls
+        if "steps_per_generation" in geometry:  # said once, when the trainer is built
+            assert capsys.readouterr().err.count("note: sampling 4 sequences at a time") == 1
         for key, value in reference.items():
             assert torch.allclose(gradients[key], value, rtol=1e-4, atol=1e-7), f"{name}: {key} differs"
 
