@@ -30,6 +30,7 @@ sample the chunks in turn and the main process writes what one process would (pr
 import hashlib
 import json
 import math
+import os
 import platform
 import sys
 import time
