@@ -161,12 +161,14 @@ def _without_gguf(model):
     """The same weights in a model built from the config: transformers refuses to save (and to fine-tune)
     a model it dequantized from GGUF, as it still counts it as quantized."""
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
-    plain.load_state_dict(model.state_dict())
+    with no_init_weights():  # every weight is loaded just below: a random start would only cost time
+        plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict())  # strict: a weight left out would fail here
     plain.generation_config = model.generation_config
     return plain
 
@@ -194,7 +196,7 @@ def load_model(
     if gguf:
         loaded = _without_gguf(loaded)
         # An adapter trained on this model names the file as its base, so it loads again without --gguf_file.
-        loaded.config._name_or_path = str(Path(name) / gguf) if Path(name).is_dir() else name
+        loaded.name_or_path = loaded.config._name_or_path = str(Path(name) / gguf) if Path(name).is_dir() else name
     if adapter_base(model) is not None:
         from peft import PeftModel
 
