@@ -157,6 +157,22 @@ def torch_dtype(dtype):
     return torch.float32
 
 
+@contextlib.contextmanager
+def _gguf_name_map_built_once():
+    """transformers 5.24 rebuilds gguf's tensor-name table for every module of the model (397 times, 5 s
+    for SmolLM2); the table depends only on the architecture and depth, so build each one once."""
+    import functools
+
+    import gguf
+
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
+
+
 def _without_gguf(model):
     """The same weights in a model built from the config: transformers refuses to save (and to fine-tune)
     a model it dequantized from GGUF, as it still counts it as quantized."""
@@ -192,7 +208,8 @@ def load_model(
         raise UserError("a GGUF file cannot be loaded in 4 or 8 bits with bitsandbytes: drop --load_in_4bit / --load_in_8bit (LoRA works on it)")
     if config is not None:
         kwargs["config"] = config
-    loaded = _from_pretrained(AutoModelForCausalLM, name, gguf, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs)
+    with _gguf_name_map_built_once() if gguf else contextlib.nullcontext():
+        loaded = _from_pretrained(AutoModelForCausalLM, name, gguf, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs)
     if gguf:
         loaded = _without_gguf(loaded)
         # An adapter trained on this model names the file as its base, so it loads again without --gguf_file.
