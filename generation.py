@@ -426,11 +426,9 @@ class TransformersSampler:
         import torch
         from tqdm.auto import tqdm
 
-        import generation  # looked up at call time, so tests can stand in for the sampler
-
         while True:
             try:
-                return generation.sample_completions(
+                return sample_completions(
                     self.model, self.tokenizer, prompts, num_samples=num_samples, temperature=temperature,
                     top_p=self.settings.top_p, top_k=self.settings.top_k, max_new_tokens=self.settings.max_new_tokens,
                     batch_size=self.batch_size, seed=seeds[0], progress=False, adapt_batch_size=False,
