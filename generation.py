@@ -116,7 +116,7 @@ def _from_pretrained(loader, model: str, gguf_file: str | None, **kwargs):
     try:
         return loader.from_pretrained(model, **kwargs)
     except (OSError, ValueError, ImportError) as error:  # missing files, no network, an unknown architecture, no gguf package
-        raise _load_error(model, error) from error
+        raise _load_error(str(Path(model) / gguf_file) if gguf_file and Path(model).is_dir() else model, error) from error
 
 
 def load_tokenizer(model: str, gguf_file: str | None = None, trust_remote_code: bool = False):

@@ -136,3 +136,26 @@ def test_filter_data_on_training_problems_with_gguf_file_flag(smollm2_gguf, shar
     assert len(rows) == summary["kept"] and all(len(row["correct"]) == 2 for row in rows)
     header = json.loads(output.with_name("kept.samples.jsonl").read_text().splitlines()[0])
     assert header["settings"]["gguf_file"] == smollm2_gguf.name
+
+
+def test_gguf_file_names_and_bad_files(tmp_path, shared_dir):
+    """Where a GGUF file may be named, and one clear line for a wrong one (no model needed)."""
+    import evaluate
+    from data import UserError
+    from generation import split_gguf
+
+    (tmp_path / "m.gguf").write_bytes(b"not a gguf file")
+    here = str(tmp_path.resolve())
+    assert split_gguf(str(tmp_path / "m.gguf")) == (here, "m.gguf")  # the file as the model
+    assert split_gguf(None, str(tmp_path / "m.gguf")) == (here, "m.gguf")  # --gguf_file PATH alone
+    assert split_gguf(str(tmp_path), "m.gguf") == (str(tmp_path), "m.gguf")  # --model DIR --gguf_file NAME
+    assert split_gguf("org/repo", "m.gguf") == ("org/repo", "m.gguf")  # a hub repo and a file in it
+    assert split_gguf(str(tmp_path)) == (str(tmp_path), None)
+    with pytest.raises(UserError, match="no such GGUF file"):
+        split_gguf(str(tmp_path / "missing.gguf"))
+    with pytest.raises(UserError, match="no GGUF file other.gguf in"):
+        split_gguf(str(tmp_path), "other.gguf")
+    math500 = str(shared_dir / "benchmarks" / "math500.json")
+    args = evaluate.EvalArguments(model=str(tmp_path / "m.gguf"), data=[math500], max_problems=1, output_dir=str(tmp_path / "out"))
+    with pytest.raises(UserError, match=r"could not load model '.*m\.gguf': .*GGUF"):
+        evaluate.main(args)
