@@ -7,6 +7,9 @@
     # local files in verl's parquet schema or the `problem`/`answer` schema; a LoRA adapter as the model
     python evaluate.py --model outputs/my-run --data ../shared/benchmarks/aime24.parquet --num_samples 8
 
+    # a llama.cpp GGUF file (or --model DIR --gguf_file NAME.gguf), dequantized by transformers
+    python evaluate.py --model SmolLM2-135M-Instruct.Q4_1.gguf --data ../shared/benchmarks/math500.json --max_problems 50
+
     # the offline toy world (toy.py), on a CPU
     python evaluate.py --model toy --data toy --num_samples 8 --temperature 1.0 --top_k 0 --max_tokens 64
 
@@ -16,7 +19,7 @@
 Named benchmarks (`--benchmarks aime24,aime25,amc23,minerva,olympiad,math500`) come from the hub
 datasets in `BENCHMARKS`; each has POLARIS's number of samples per problem unless `--num_samples`
 says otherwise. Prompts are built by `data.load_problems`, as in training. Answers are judged by
-`rewards.verify`.
+`rewards.verify`. Models load and sample through generation.py, as in filter_data.py and training.
 
 Per benchmark: avg@n with its standard error over problems, unbiased pass@k and majority-vote
 maj@k for k = 1, 2, 4, ... up to n, problems solved by no sample and by all, truncation rate, rate
@@ -297,7 +300,7 @@ def load_benchmark(name: str, source: str, columns: dict, num_samples: int, args
 
 
 # ----------------------------------------------------------------------------------------------
-# Model: YaRN, LoRA adapters, the two backends
+# Model: YaRN, and the sampler of the chosen backend (generation.py)
 # ----------------------------------------------------------------------------------------------
 
 
