@@ -11,6 +11,9 @@ default $POLARIS_SMOLLM2 or the cache .ci/run fills; skipped with a line when ab
 
     python benchmarks/bench_generation.py
     python benchmarks/bench_generation.py --models toy --num_problems 16      # quicker
+
+On a CPU shared with other work, `--threads 1`: with more threads than free cores, OpenMP's waiting
+threads make the same generate call 3-15x slower from one run to the next, which swamps both ratios.
 """
 
 import os
@@ -31,12 +34,13 @@ class BenchArguments:
     num_samples: int = field(default=8, metadata={"help": "Samples per problem (toy)."})
     max_tokens: int = field(default=48, metadata={"help": "Longest completion (toy: the demo recipe's length)."})
     batch_size: int = field(default=256, metadata={"help": "Sequences per generate call in the batched runs (toy)."})
-    smollm2_problems: int = field(default=16, metadata={"help": "MATH training problems for SmolLM2."})
+    smollm2_problems: int = field(default=8, metadata={"help": "Short MATH training problems (100 characters at most) for SmolLM2."})
     smollm2_samples: int = field(default=4, metadata={"help": "Samples per problem for SmolLM2."})
-    smollm2_max_tokens: int = field(default=16, metadata={"help": "Longest completion for SmolLM2 (CPU-sized)."})
-    smollm2_batch_size: int = field(default=64, metadata={"help": "Sequences per generate call for SmolLM2."})
+    smollm2_max_tokens: int = field(default=24, metadata={"help": "Longest completion for SmolLM2 (CPU-sized)."})
+    smollm2_batch_size: int = field(default=32, metadata={"help": "Sequences per generate call for SmolLM2."})
     smollm2: str = field(default=os.environ.get("POLARIS_SMOLLM2", str(DEFAULT_SMOLLM2)), metadata={"help": "The SmolLM2 GGUF file."})
     shared: str = field(default=os.environ.get("POLARIS_SHARED", str(REPO_ROOT.parent / "shared")), metadata={"help": "../shared (SmolLM2's problems)."})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default); 1 is steadier on a busy machine."})
     temperature: float = field(default=1.0)
     seed: int = field(default=0)
     toy_dir: str = field(default=str(REPO_ROOT / "outputs" / "toy"), metadata={"help": "Toy world (built if missing)."})
@@ -136,7 +140,9 @@ def smollm2_workload(args: BenchArguments) -> Workload | None:
         print(f"smollm2: skipped, {args.smollm2 if not Path(args.smollm2).is_file() else problems_file} not found (.ci/run downloads the GGUF file)")
         return None
     problems = load_problems(str(problems_file))
-    prompts = problems.select(range(args.smollm2_problems))["prompt"]
+    # Short problems: on a CPU the prompt's forward pass costs the same batched or not, and would hide the decoding.
+    short = [i for i, problem in enumerate(problems["problem"]) if len(problem) <= 100][: args.smollm2_problems]
+    prompts = problems.select(short)["prompt"]
     return Workload(
         "smollm2", load_model(args.smollm2), load_tokenizer(args.smollm2), prompts, args.smollm2_samples, args.smollm2_max_tokens,
         args.smollm2_batch_size,
@@ -146,6 +152,8 @@ def smollm2_workload(args: BenchArguments) -> Workload | None:
 def main(args: BenchArguments) -> list[dict]:
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     builders = {"toy": toy_workload, "smollm2": smollm2_workload}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"temperature {args.temperature}, seed {args.seed}; {device}")
