@@ -12,6 +12,9 @@ default $POLARIS_SMOLLM2 or the cache .ci/run fills; skipped with a line when ab
     python benchmarks/bench_generation.py
     python benchmarks/bench_generation.py --models toy --num_problems 16      # quicker
 
+Measured on 2 busy CPU cores with `--threads 1`: sampler/plain 1.01x (toy) and 1.03x (SmolLM2), batched/one
+2.5x (toy) and 2.3x (SmolLM2): the 5x bar is not met on a CPU, where a batch's matrix work grows with its
+rows (SmolLM2 is compute-bound; the toy's batch of 256 is too); it is meant for a GPU, untried here.
 On a CPU shared with other work, `--threads 1`: with more threads than free cores, OpenMP's waiting
 threads make the same generate call 3-15x slower from one run to the next, which swamps both ratios.
 """
