@@ -48,6 +48,13 @@ def build_messages(problem: str, prompt_suffix: str = DEFAULT_PROMPT_SUFFIX, sys
     return messages + [{"role": "user", "content": problem.strip() + prompt_suffix}]
 
 
+def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The token ids the model sees for chat `messages`: its chat template (a default system prompt
+    included) with the assistant turn opened, as TRL's trainer and every sampler build them."""
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 def prompt_id(problem: str) -> str:
     """A stable id for a problem, independent of its position in any file."""
     return hashlib.sha1(problem.strip().encode()).hexdigest()[:16]
@@ -152,9 +159,7 @@ def filter_long_prompts(dataset, tokenizer, max_prompt_length: int | None):
         return dataset, 0
 
     def prompt_length(row):
-        ids = tokenizer.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        return {"prompt_length": len(ids)}
+        return {"prompt_length": len(prompt_token_ids(tokenizer, row["prompt"]))}
 
     with_lengths = dataset.map(prompt_length, desc="Measuring prompts")
     kept = with_lengths.filter(lambda row: row["prompt_length"] <= max_prompt_length).remove_columns("prompt_length")

@@ -7,6 +7,9 @@
     # local files in verl's parquet schema or the `problem`/`answer` schema; a LoRA adapter as the model
     python evaluate.py --model outputs/my-run --data ../shared/benchmarks/aime24.parquet --num_samples 8
 
+    # a llama.cpp GGUF file (or --model DIR --gguf_file NAME.gguf), dequantized by transformers
+    python evaluate.py --model SmolLM2-135M-Instruct.Q4_1.gguf --data ../shared/benchmarks/math500.json --max_problems 50
+
     # the offline toy world (toy.py), on a CPU
     python evaluate.py --model toy --data toy --num_samples 8 --temperature 1.0 --top_k 0 --max_tokens 64
 
@@ -16,7 +19,7 @@
 Named benchmarks (`--benchmarks aime24,aime25,amc23,minerva,olympiad,math500`) come from the hub
 datasets in `BENCHMARKS`; each has POLARIS's number of samples per problem unless `--num_samples`
 says otherwise. Prompts are built by `data.load_problems`, as in training. Answers are judged by
-`rewards.verify`.
+`rewards.verify`. Models load and sample through generation.py, as in filter_data.py and training.
 
 Per benchmark: avg@n with its standard error over problems, unbiased pass@k and majority-vote
 maj@k for k = 1, 2, 4, ... up to n, problems solved by no sample and by all, truncation rate, rate
@@ -39,7 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from data import DEFAULT_PROMPT_SUFFIX, UserError, load_problems, run_cli
+import generation
+from data import DEFAULT_PROMPT_SUFFIX, UserError, load_problems, prompt_token_ids, run_cli
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,12 @@ SUMMARY_FILE = "summary.json"
 class EvalArguments:
     """Arguments of `evaluate.py`."""
 
-    model: str = field(metadata={"help": "Hub id, local model directory, LoRA adapter directory (loaded on its base) or `toy`."})
+    model: str = field(
+        metadata={"help": "Hub id, local model directory, LoRA adapter directory (loaded on its base), a .gguf file, or `toy`."}
+    )
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "A GGUF (llama.cpp) file: its path, or its name inside the --model directory or hub repo."}
+    )
     benchmarks: str | None = field(
         default=None,
         metadata={"help": f"Comma-separated names from {', '.join(BENCHMARKS)}. Default without --data: {','.join(POLARIS_BENCHMARKS)}."},
@@ -234,16 +243,6 @@ def _hub_offline() -> bool:
     return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def resolve_toy(name: str, args: EvalArguments, part: str) -> str:
-    """The name `toy` means the offline toy world's model or test set (built on first use)."""
-    if name != TOY_NAME:
-        return name
-    import toy
-
-    toy_dir = toy.build_toy_world(toy.ToyArguments(output_dir=args.toy_dir))
-    return str(toy_dir / {"model": "model", "test": "test.jsonl"}[part])
-
-
 def benchmark_specs(args: EvalArguments) -> list[tuple[str, str, dict, int]]:
     """(name, source, load_problems keyword arguments, samples per problem) for each set to evaluate."""
     names = [n.strip() for n in (args.benchmarks or "").split(",") if n.strip()]
@@ -261,7 +260,7 @@ def benchmark_specs(args: EvalArguments) -> list[tuple[str, str, dict, int]]:
         columns = dict(split=hub.split, problem_column=hub.problem_column, answer_column=hub.answer_column)
         specs.append((name, hub.dataset, columns, hub.num_samples))
     for path in args.data:
-        source = resolve_toy(path, args, "test")
+        source = generation.resolve_toy(path, args.toy_dir, "test")
         name = "toy" if path == TOY_NAME else Path(source).stem
         default_k = BENCHMARKS[name].num_samples if name in BENCHMARKS else DEFAULT_NUM_SAMPLES
         specs.append((name, source, dict(problem_column=args.problem_column, answer_column=args.answer_column), default_k))
@@ -301,19 +300,8 @@ def load_benchmark(name: str, source: str, columns: dict, num_samples: int, args
 
 
 # ----------------------------------------------------------------------------------------------
-# Model: YaRN, LoRA adapters, the two backends
+# Model: YaRN, and the sampler of the chosen backend (generation.py)
 # ----------------------------------------------------------------------------------------------
-
-
-def adapter_base(model: str) -> str | None:
-    """The base model of a local LoRA adapter directory (None for a full model)."""
-    config_file = Path(model) / "adapter_config.json"
-    if not config_file.is_file():
-        return None
-    base = json.loads(config_file.read_text()).get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{config_file} names no base_model_name_or_path: set it to the model the adapter was trained on")
-    return base
 
 
 def apply_yarn(config, factor: float, original_max_position_embeddings: int | None = None) -> dict:
@@ -351,14 +339,7 @@ def apply_yarn(config, factor: float, original_max_position_embeddings: int | No
 
 def load_config(model: str, args: EvalArguments):
     """The model's config (its base's for an adapter), with YaRN applied when asked for; and the rope record."""
-    from transformers import AutoConfig
-
-    from generation import _load_error
-
-    try:
-        config = AutoConfig.from_pretrained(adapter_base(model) or model, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise _load_error(adapter_base(model) or model, error) from error
+    config = generation.load_config(model, args.gguf_file, args.trust_remote_code)
     rope = {"yarn_factor": args.yarn_factor, "original_max_position_embeddings": None}
     if args.yarn_factor is not None:
         rope.update(apply_yarn(config, args.yarn_factor, args.original_max_position_embeddings))
@@ -367,129 +348,23 @@ def load_config(model: str, args: EvalArguments):
     return config, rope
 
 
-def load_tokenizer(model: str, args: EvalArguments):
-    """The model's tokenizer; an adapter directory without one uses its base model's."""
-    from generation import load_tokenizer as load
-
-    base = adapter_base(model)
-    has_own = base is None or (Path(model) / "tokenizer_config.json").is_file()
-    tokenizer = load(model if has_own else base, trust_remote_code=args.trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_hf_model(model: str, config, args: EvalArguments):
-    """A transformers model with `config` (YaRN included; None: the model's own); a LoRA adapter is merged into its base."""
-    from transformers import AutoModelForCausalLM
-
-    from generation import _load_error, _torch_dtype
-
-    base = adapter_base(model)
-    kwargs = {"config": config} if config is not None else {}
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(base or model, dtype=_torch_dtype(args.dtype), trust_remote_code=args.trust_remote_code, **kwargs)
-    except (OSError, ValueError) as error:
-        raise _load_error(base or model, error) from error
-    if base is not None:
-        from peft import PeftModel
-
-        loaded = PeftModel.from_pretrained(loaded, model).merge_and_unload()  # merged: plain generate speed
-    import torch
-
-    if torch.cuda.is_available():
-        loaded = loaded.to("cuda")
-    return loaded.eval()
-
-
-def merged_adapter(model: str, args: EvalArguments) -> str:
-    """A LoRA adapter merged into its base and saved (once) under the output directory, for vLLM."""
-    target = Path(args.output_dir) / "merged_model"
-    if not (target / "config.json").is_file():
-        print(f"Merging the adapter {model} into its base {adapter_base(model)} for vLLM: {target}")
-        load_hf_model(model, None, args).save_pretrained(target)
-        load_tokenizer(model, args).save_pretrained(target)
-    return str(target)
-
-
-def problem_seed(base_seed: int, problem_id: str, temperature: float) -> int:
-    """A seed per problem and temperature, the same in a resumed run."""
-    digest = hashlib.sha1(f"{base_seed}:{problem_id}:{temperature!r}".encode()).hexdigest()
-    return int(digest[:8], 16)
-
-
-class HFSampler:
-    """Samples with `generation.sample_completions` (transformers `generate`)."""
-
-    def __init__(self, model: str, config, args: EvalArguments):
-        self.tokenizer = load_tokenizer(model, args)
-        self.model = load_hf_model(model, config, args)
-        self.args = args
-
-    def problems_per_call(self, num_samples: int) -> int:
-        return max(1, self.args.batch_size // num_samples)
-
-    def sample(self, problems: list[dict], num_samples: int, temperature: float):
-        from generation import sample_completions
-
-        return sample_completions(
-            self.model,
-            self.tokenizer,
-            [p["prompt"] for p in problems],
-            num_samples=num_samples,
-            temperature=temperature,
-            top_p=self.args.top_p,
-            top_k=self.args.top_k,
-            max_new_tokens=self.args.max_tokens,
-            batch_size=self.args.batch_size,
-            seed=problem_seed(self.args.seed, problems[0]["problem_id"], temperature),
-            progress=False,
-        )
-
-
-class VLLMSampler:
-    """Samples with vLLM (`generation.sample_completions_vllm`); YaRN goes in through `hf_overrides`."""
-
-    def __init__(self, model: str, rope: dict, args: EvalArguments):
-        from generation import load_vllm
-
-        self.args = args
-        self.tokenizer = load_tokenizer(model, args)
-        if adapter_base(model) is not None:
-            model = merged_adapter(model, args)
-        kwargs = dict(gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size)
-        if args.yarn_factor is not None:
-            kwargs["hf_overrides"] = {"rope_parameters": rope["rope_parameters"], "max_position_embeddings": rope["max_position_embeddings"]}
-        self.llm = load_vllm(
-            model,
-            dtype=args.dtype,
-            seed=args.seed,
-            max_model_len=rope["max_position_embeddings"] if args.yarn_factor is not None else None,
-            trust_remote_code=args.trust_remote_code,
-            **kwargs,
-        )
-
-    def problems_per_call(self, num_samples: int) -> int:
-        return max(1, 4096 // num_samples)  # vLLM schedules its own batches; this only bounds the work a kill loses
-
-    def sample(self, problems: list[dict], num_samples: int, temperature: float):
-        from generation import sample_completions_vllm
-
-        return sample_completions_vllm(
-            self.llm,
-            self.tokenizer,
-            [p["prompt"] for p in problems],
-            seeds=[problem_seed(self.args.seed, p["problem_id"], temperature) for p in problems],
-            num_samples=num_samples,
-            temperature=temperature,
-            top_p=self.args.top_p,
-            top_k=self.args.top_k,
-            max_new_tokens=self.args.max_tokens,
-        )
+def load_sampler(model: str, config, rope: dict, args: EvalArguments):
+    """The sampler of `--backend` with the model loaded; YaRN goes to vLLM through `hf_overrides`."""
+    settings = generation.SamplingSettings(top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_tokens)
+    common = dict(gguf_file=args.gguf_file, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    if args.backend == "hf":
+        return generation.load_sampler("hf", model, settings, batch_size=args.batch_size, config=config, **common)
+    vllm_kwargs = dict(gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size)
+    if args.yarn_factor is not None:
+        vllm_kwargs["hf_overrides"] = {"rope_parameters": rope["rope_parameters"], "max_position_embeddings": rope["max_position_embeddings"]}
+    return generation.load_sampler(
+        "vllm", model, settings, seed=args.seed, max_model_len=rope["max_position_embeddings"] if args.yarn_factor is not None else None,
+        merged_dir=Path(args.output_dir) / "merged_model", **common, **vllm_kwargs,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
-# The samples file: one row per sample, appended problem by problem, resumable
+# The samples file (generation.SampleStore): one row per sample, appended problem by problem
 # ----------------------------------------------------------------------------------------------
 
 
@@ -499,20 +374,13 @@ def settings_hash(settings: dict, num_samples: int, temperature: float) -> str:
     return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def read_samples(path: Path, settings_hashes: set[str] | None = None) -> dict[tuple[str, str, str], dict[int, dict]]:
+def read_samples(store: generation.SampleStore, settings_hashes: set[str] | None = None) -> dict[tuple[str, str, str], dict[int, dict]]:
     """{(settings_hash, benchmark, problem_id): {sample_index: row}}, only for `settings_hashes` if given;
     a later row replaces an earlier one."""
     groups = defaultdict(dict)
-    if not path.exists():
-        return groups
-    with path.open() as file:
-        for line in file:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # the tail of a killed write
-                continue
-            if settings_hashes is None or row["settings_hash"] in settings_hashes:
-                groups[(row["settings_hash"], row["benchmark"], row["problem_id"])][row["sample_index"]] = row
+    for row in store.records():
+        if settings_hashes is None or row["settings_hash"] in settings_hashes:
+            groups[(row["settings_hash"], row["benchmark"], row["problem_id"])][row["sample_index"]] = row
     return groups
 
 
@@ -521,27 +389,6 @@ def complete_rows(groups, key: tuple[str, str, str], num_samples: int) -> list[d
     if any(i not in rows for i in range(num_samples)):
         return None
     return [rows[i] for i in range(num_samples)]
-
-
-def drop_partial_line(path: Path) -> None:
-    """A run killed in the middle of a write leaves half a line: cut it so the next append starts clean."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    with path.open("rb+") as file:
-        file.seek(-1, os.SEEK_END)
-        if file.read(1) == b"\n":
-            return
-        file.seek(0)
-        content = file.read()
-        file.truncate(content.rfind(b"\n") + 1)
-
-
-def append_rows(path: Path, rows: list[dict]) -> None:
-    """One write per call, flushed to disk: finished problems are never lost."""
-    with path.open("a") as file:
-        file.write("".join(json.dumps(row, default=str) + "\n" for row in rows))
-        file.flush()
-        os.fsync(file.fileno())
 
 
 def score_samples(benchmark: Benchmark, problems: list[dict], samples, key: str, temperature: float) -> list[dict]:
@@ -574,42 +421,37 @@ def score_samples(benchmark: Benchmark, problems: list[dict], samples, key: str,
     return rows
 
 
-def sample_benchmark(benchmark: Benchmark, temperature: float, settings: dict, samples_path: Path, get_sampler) -> int:
-    """Sample and judge every problem of `benchmark` that has no finished samples in the file; returns how many were sampled."""
+def sample_benchmark(benchmark: Benchmark, temperature: float, settings: dict, store: generation.SampleStore, get_sampler, seed: int) -> int:
+    """Sample and judge every problem of `benchmark` that has no finished samples in the store; returns how many were sampled."""
     from tqdm.auto import tqdm
 
-    from processes import is_main_process, share_from_main, shared_map
+    from processes import is_main_process, share_from_main
 
     num_samples = benchmark.num_samples
     key = settings_hash(settings, num_samples, temperature)
 
     def finished_problems():
-        groups = read_samples(samples_path, {key})
+        groups = read_samples(store, {key})
         return {p["problem_id"] for p in benchmark.problems if complete_rows(groups, (key, benchmark.name, p["problem_id"]), num_samples)}
 
     done = share_from_main(finished_problems)  # under accelerate launch only the main process reads and writes the file
     pending = [p for p in benchmark.problems if p["problem_id"] not in done]
     label = f"{benchmark.name} (T={temperature:g}, n={num_samples})"
     if done and is_main_process():
-        print(f"{label}: {len(done)}/{len(benchmark.problems)} problems already sampled in {samples_path}, {len(pending)} to go")
+        print(f"{label}: {len(done)}/{len(benchmark.problems)} problems already sampled in {store.path}, {len(pending)} to go")
     if not pending:
         return 0
     sampler = get_sampler()
     per_call = sampler.problems_per_call(num_samples)
     # Chunks are cut from the whole benchmark, not from what is left, so a resumed run samples each
-    # chunk exactly as an uninterrupted one would (same problems, same seed), in any process.
+    # chunk exactly as an uninterrupted one would (same problems, same seeds), in any process.
     chunks = [benchmark.problems[i : i + per_call] for i in range(0, len(benchmark.problems), per_call)]
     todo_chunks = [todo for todo in ([p for p in chunk if p["problem_id"] not in done] for chunk in chunks) if todo]
-
-    def sample_chunk(todo):
-        return score_samples(benchmark, todo, sampler.sample(todo, num_samples, temperature), key, temperature)
-
     bar = tqdm(total=len(benchmark.problems), initial=len(done), desc=label, unit="problem", disable=not is_main_process())
-    for todo, rows in zip(todo_chunks, shared_map(todo_chunks, sample_chunk)):
-        if is_main_process():
-            append_rows(samples_path, rows)
-        bar.update(len(todo))
-    bar.close()
+    generation.sample_into_store(
+        sampler, todo_chunks, num_samples, temperature, seed, problem_key=lambda p: p["problem_id"],
+        make_records=lambda todo, samples: score_samples(benchmark, todo, samples, key, temperature), store=store, bar=bar,
+    )  # fmt: skip
     return len(pending)
 
 
@@ -650,19 +492,20 @@ def sampling_settings(args: EvalArguments, model: str, rope: dict) -> dict:
         "original_max_position_embeddings": rope["original_max_position_embeddings"],
         "prompt_suffix": args.prompt_suffix,
         "system_prompt": args.system_prompt,
+        **({"gguf_file": args.gguf_file} if args.gguf_file else {}),  # absent when unset: earlier files still resume
     }
 
 
-def collect_metrics(benchmarks: list[Benchmark], temperature: float, settings: dict, samples_path: Path, ngram_unit: str):
+def collect_metrics(benchmarks: list[Benchmark], temperature: float, settings: dict, store: generation.SampleStore, ngram_unit: str):
     """Per benchmark: the metrics and the rows they were computed from, read back from the samples file."""
-    groups = read_samples(samples_path, {settings_hash(settings, b.num_samples, temperature) for b in benchmarks})
+    groups = read_samples(store, {settings_hash(settings, b.num_samples, temperature) for b in benchmarks})
     metrics, rows_by_benchmark = {}, {}
     for benchmark in benchmarks:
         n = benchmark.num_samples
         key = settings_hash(settings, n, temperature)
         problems = [complete_rows(groups, (key, benchmark.name, p["problem_id"]), n) for p in benchmark.problems]
         if any(rows is None for rows in problems):
-            raise RuntimeError(f"{benchmark.name}: some problems have no finished samples in {samples_path}")
+            raise RuntimeError(f"{benchmark.name}: some problems have no finished samples in {store.path}")
         rows_by_benchmark[benchmark.name] = problems
         metrics[benchmark.name] = {"source": benchmark.source, "settings_hash": key, **benchmark_metrics(problems, ngram_unit)}
     return metrics, rows_by_benchmark
@@ -706,12 +549,10 @@ def check_arguments(args: EvalArguments) -> None:
 
 def warn_about_context(benchmarks: list[Benchmark], tokenizer, rope: dict, args: EvalArguments) -> None:
     """Say so when prompt + answer can run past the model's context (POLARIS extends it with YaRN)."""
-    from generation import _prompt_ids
-
     context = rope["max_position_embeddings"]
     if not context:
         return
-    longest = max(len(_prompt_ids(tokenizer, p["prompt"])) for b in benchmarks for p in b.problems)
+    longest = max(len(prompt_token_ids(tokenizer, p["prompt"])) for b in benchmarks for p in b.problems)
     if longest + args.max_tokens > context:
         fix = "raise --yarn_factor" if args.yarn_factor else "add --yarn_factor (POLARIS: 1.5), or lower --max_tokens"
         print(
@@ -748,23 +589,23 @@ def main(args: EvalArguments) -> dict:
     from schedules import parse_sweep_range
 
     temperatures = parse_sweep_range(args.sweep_temperature) if args.sweep_temperature else [args.temperature]
-    model = resolve_toy(args.model, args, "model")
+    model = generation.resolve_toy(args.model, args.toy_dir, "model")
     config, rope = load_config(model, args)
     settings = sampling_settings(args, model, rope)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    samples_path = output_dir / SAMPLES_FILE
+    store = generation.SampleStore(output_dir / SAMPLES_FILE)
     from processes import is_main_process
 
     if is_main_process():
-        drop_partial_line(samples_path)
+        store.drop_partial_line()
 
     sampler = None
 
     def get_sampler():  # loaded only when something is left to sample
         nonlocal sampler
         if sampler is None:
-            sampler = VLLMSampler(model, rope, args) if args.backend == "vllm" else HFSampler(model, config, args)
+            sampler = load_sampler(model, config, rope, args)
             if is_main_process():
                 warn_about_context(benchmarks, sampler.tokenizer, rope, args)
         return sampler
@@ -772,16 +613,16 @@ def main(args: EvalArguments) -> dict:
     sampled = 0
     for temperature in temperatures:
         for benchmark in benchmarks:
-            sampled += sample_benchmark(benchmark, temperature, settings, samples_path, get_sampler)
+            sampled += sample_benchmark(benchmark, temperature, settings, store, get_sampler, args.seed)
     # The numbers are computed from the samples file, so they cover resumed runs and can be checked against it.
     if not is_main_process():  # the main process gathered everything and writes the results
         return {}
-    results = {t: collect_metrics(benchmarks, t, settings, samples_path, args.ngram_unit) for t in temperatures}
+    results = {t: collect_metrics(benchmarks, t, settings, store, args.ngram_unit) for t in temperatures}
 
     summary = {
         "model": args.model,
         "resolved_model": model,
-        "base_model": adapter_base(model),
+        "base_model": generation.adapter_base(model),
         "settings": {
             **settings,
             "temperature": temperatures if args.sweep_temperature else args.temperature,
@@ -796,7 +637,7 @@ def main(args: EvalArguments) -> dict:
         },
         "problems_sampled_this_run": sampled,
         "seconds": round(time.time() - start, 1),
-        "samples_file": str(samples_path),
+        "samples_file": str(store.path),
     }
     if args.sweep_temperature:
         summary["benchmarks_by_temperature"] = {str(t): results[t][0] for t in temperatures}
@@ -807,7 +648,7 @@ def main(args: EvalArguments) -> dict:
         print(f"\n{args.model}: temperature {args.temperature:g}, top_p {args.top_p:g}, top_k {args.top_k}, max_tokens {args.max_tokens}{yarn}")
         print(format_table(summary["benchmarks"]))
     (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    print(f"wrote {output_dir / SUMMARY_FILE} and {samples_path}")
+    print(f"wrote {output_dir / SUMMARY_FILE} and {store.path}")
     return summary
 
 

@@ -7,6 +7,9 @@
     # the same on the offline toy world, on CPU
     python filter_data.py --model toy --dataset toy --output outputs/toy_filtered.jsonl
 
+    # a llama.cpp GGUF file (dequantized to float32 by transformers)
+    python filter_data.py --model SmolLM2-135M-Instruct.Q4_1.gguf --dataset ../shared/train/math_train.json --output f.parquet
+
     # between stages: drop the prompts the run has mastered (pooled mean reward above 0.9)
     python filter_data.py --from_training_log outputs/stage1 --dataset data/polaris-qwen3-4b.parquet \\
         --output data/stage2.parquet
@@ -24,7 +27,7 @@ skips the finished chunks and writes the same output as an uninterrupted run; a 
 keep rule (`--max_pass_rate`, ...) samples nothing. Reproducibility with batching: transformers'
 batched sampling depends on which prompts share a batch, so the problems are cut into fixed chunks
 (sorted by prompt length, `--batch_size / --num_samples` problems each, one `generate` call) and
-each chunk is seeded by its position. The same chunks with the same seeds give the same samples, at
+each chunk is seeded by its first problem (`generation.problem_seed`). The same chunks with the same seeds give the same samples, at
 the price of losing at most one chunk's work on a crash. If the GPU runs out of memory the batch is
 halved, written down with the chunk, and a resumed run goes on with the halved batch. The vLLM
 backend seeds every problem on its own (`SamplingParams(seed=...)`), so chunks there only bound the
@@ -41,7 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from data import DEFAULT_PROMPT_SUFFIX, UserError, load_problems, run_cli
+import generation
+from data import DEFAULT_PROMPT_SUFFIX, UserError, load_problems, prompt_token_ids, run_cli
 
 
 OUTPUT_FORMATS = (".parquet", ".jsonl", ".json")
@@ -49,7 +53,6 @@ LEDGER_NAME = "prompt_ledger.json"  # written by train_grpo.py into the run and 
 SAMPLES_FILE_VERSION = 1
 TOY_MAX_TOKENS = 48  # the toy model's answers are short (recipes/demo.yaml uses the same)
 DEFAULT_MAX_TOKENS = 4096
-VLLM_PROBLEMS_PER_CHUNK = 512  # vLLM schedules its own batches: a chunk only bounds the work lost on a crash
 
 
 @dataclass
@@ -58,7 +61,12 @@ class FilterArguments:
 
     dataset: str | None = field(default=None, metadata={"help": "Problems: a hub id, a local .parquet/.jsonl/.json/.csv file, or `toy`."})
     output: str | None = field(default=None, metadata={"help": "Filtered set; the format follows the extension (.parquet, .jsonl, .json)."})
-    model: str | None = field(default=None, metadata={"help": "The model to be trained: a hub id, a local directory, or `toy`."})
+    model: str | None = field(
+        default=None, metadata={"help": "The model to be trained: a hub id, a local directory, a LoRA adapter, a .gguf file, or `toy`."}
+    )
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "A GGUF (llama.cpp) file: its path, or its name inside the --model directory or hub repo."}
+    )
     backend: Literal["hf", "vllm"] = field(default="hf", metadata={"help": "hf: transformers (GPU or CPU); vllm: needs vLLM and a GPU."})
     num_samples: int = field(default=8, metadata={"help": "Samples per problem (POLARIS: 8)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature: use the one you train with."})
@@ -108,8 +116,8 @@ def check_arguments(args: FilterArguments):
         raise UserError("--output is the --dataset file: write the filtered set to a new file")
     if args.from_training_log:
         return
-    if not args.model:
-        raise UserError("no model given: pass --model (the model you will train: a hub id, a local directory or `toy`)")
+    if not args.model and not args.gguf_file:
+        raise UserError("no model given: pass --model (the model you will train: a hub id, a local directory, a .gguf file or `toy`)")
     if args.backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise UserError("--backend vllm needs vLLM, which is not installed: pip install vllm on a CUDA machine, or use --backend hf")
     for name in ("num_samples", "max_tokens", "batch_size"):
@@ -123,17 +131,9 @@ def check_arguments(args: FilterArguments):
         raise UserError(f"need 0 <= --min_pass_rate <= --max_pass_rate <= 1, got {args.min_pass_rate} and {args.max_pass_rate}")
 
 
-def resolve_toy(name: str, part: str, args: FilterArguments) -> str:
-    if name != "toy":
-        return name
-    from train_grpo import resolve_toy as resolve_toy_world  # one place knows the toy world's layout
-
-    return resolve_toy_world(name, args, part)
-
-
 def load_dataset(args: FilterArguments):
     return load_problems(
-        resolve_toy(args.dataset, "train", args),
+        generation.resolve_toy(args.dataset, args.toy_dir, "train"),
         split=args.dataset_split,
         problem_column=args.problem_column,
         answer_column=args.answer_column,
@@ -202,34 +202,22 @@ def sampling_settings(args: FilterArguments, model: str, problems, chunk_size: i
         chunk_size=chunk_size,
         problems=problem_digest.hexdigest(),
     )
+    if args.gguf_file:  # absent when unset: earlier samples files still resume
+        settings["gguf_file"] = args.gguf_file
     return settings
 
 
-def read_samples_file(path: Path, settings: dict) -> list[dict]:
+def read_samples_file(store: generation.SampleStore, settings: dict) -> list[dict]:
     """The chunk records of an earlier run with the same settings; [] when there is none.
 
-    A record cut short by a kill is the last line: it is cut off the file, and its chunk redone.
+    The first line holds the settings; a record cut short by a kill is cut off the file, and its chunk redone.
     """
-    if not path.exists():
-        return []
-    records, good_bytes = [], 0
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if not line.endswith(b"\n"):
-                break
-            if good_bytes == 0:
-                if record.get("settings") != settings:
-                    raise UserError(f"{path} holds samples drawn with other settings ({describe_difference(record.get('settings'), settings)}): rerun with the same arguments, or delete it to start over")
-            else:
-                records.append(record)
-            good_bytes += len(line)
-    if good_bytes < path.stat().st_size:
-        with open(path, "r+b") as f:
-            f.truncate(good_bytes)
+    header, *records = store.records() or [None]
+    if header is not None and header.get("settings") != settings:
+        raise UserError(
+            f"{store.path} holds samples drawn with other settings ({describe_difference(header.get('settings'), settings)}): "
+            "rerun with the same arguments, or delete it to start over"
+        )
     return records
 
 
@@ -240,14 +228,6 @@ def describe_difference(old: dict | None, new: dict) -> str:
     if changed == ["problems"]:
         return "the problems differ"
     return ", ".join(f"{key}: {old.get(key)!r} then, {new[key]!r} now" for key in changed if key != "problems")
-
-
-def append_line(path: Path, record: dict):
-    """One line, flushed to disk before the next chunk starts."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,56 +241,6 @@ def plan_chunks(prompt_lengths: list[int], chunk_size: int) -> list[list[int]]:
     return [order[start : start + chunk_size] for start in range(0, len(order), chunk_size)]
 
 
-class HFSampler:
-    """transformers `generate`, one call per chunk; the batch is halved when the GPU runs out of memory."""
-
-    def __init__(self, model_name: str, tokenizer, args: FilterArguments, batch_size: int):
-        from generation import load_model
-
-        self.model = load_model(model_name, args.dtype, args.trust_remote_code)
-        self.tokenizer, self.args, self.batch_size = tokenizer, args, batch_size
-
-    def sample(self, prompts: list, indices: list[int], chunk_seed: int):
-        import torch
-        from tqdm.auto import tqdm
-
-        from generation import sample_completions
-
-        args = self.args
-        while True:
-            try:
-                return sample_completions(
-                    self.model, self.tokenizer, prompts, num_samples=args.num_samples, temperature=args.temperature,
-                    top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_tokens, batch_size=self.batch_size,
-                    seed=chunk_seed, progress=False, adapt_batch_size=False,
-                )
-            except torch.OutOfMemoryError:
-                if self.batch_size <= args.num_samples:
-                    raise UserError("out of GPU memory with one problem per batch: lower --max_tokens or --num_samples, or use --backend vllm") from None
-                self.batch_size = max(args.num_samples, self.batch_size // 2)
-                torch.cuda.empty_cache()
-                tqdm.write(f"Out of GPU memory: redoing the chunk with --batch_size {self.batch_size}")
-
-
-class VLLMSampler:
-    """vLLM, one request per problem seeded by the problem's index."""
-
-    def __init__(self, model_name: str, tokenizer, args: FilterArguments, longest_prompt: int):
-        from generation import load_vllm
-
-        self.llm = load_vllm(model_name, args.dtype, args.seed, longest_prompt + args.max_tokens, args.trust_remote_code)
-        self.tokenizer, self.args, self.batch_size = tokenizer, args, args.batch_size
-
-    def sample(self, prompts: list, indices: list[int], chunk_seed: int):
-        from generation import sample_completions_vllm
-
-        args = self.args
-        return sample_completions_vllm(
-            self.llm, self.tokenizer, prompts, seeds=[args.seed + i for i in indices], num_samples=args.num_samples,
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_tokens,
-        )
-
-
 def grade(samples: list, answers: list, require_think: bool) -> list[list[int]]:
     """Per problem, 1/0 per sample, judged by rewards.py as the training reward judges."""
     from rewards import verify_batch
@@ -322,81 +252,62 @@ def grade(samples: list, answers: list, require_think: bool) -> list[list[int]]:
     return [[next(flat) for _ in group] for group in samples]
 
 
-@contextlib.contextmanager
-def only_writer(samples_path: Path):
-    """One run at a time appends to a samples file."""
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(str(samples_path) + ".lock", timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise UserError(f"another filter_data.py run is writing {samples_path}: wait for it, or give another --output") from None
-    try:
-        yield
-    finally:
-        lock.release()
-        Path(lock.lock_file).unlink(missing_ok=True)
+def load_sampler(model_name: str, tokenizer, args: FilterArguments, records: list[dict], longest_prompt: int):
+    """The sampler of `--backend`; a resumed run keeps the batch an out-of-memory error halved."""
+    settings = generation.SamplingSettings(top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_tokens)
+    common = dict(gguf_file=args.gguf_file, dtype=args.dtype, trust_remote_code=args.trust_remote_code, tokenizer=tokenizer)
+    if args.backend == "hf":
+        batch_size = records[-1]["batch_size"] if records else args.batch_size
+        return generation.load_sampler("hf", model_name, settings, batch_size=batch_size, **common)
+    merged_dir = companion_path(args.output, ".merged_model")
+    return generation.load_sampler("vllm", model_name, settings, seed=args.seed, max_model_len=longest_prompt + args.max_tokens, merged_dir=merged_dir, **common)
 
 
-def sample_chunks(sampler, problems, chunks: list[list[int]], pending: list[int], args: FilterArguments, samples_path: Path, finished: int):
-    """Sample, grade and append the pending chunks in order, each seeded by its position (under accelerate
-    launch the processes take chunks in turn and the main process appends them)."""
+def sample_and_grade(problems, model_name: str, tokenizer, args: FilterArguments, store: generation.SampleStore) -> list[list[int]]:
+    """Per problem (dataset order), the correctness of its samples; finished chunks are read back, not redone.
+
+    Chunks are fixed (problems sorted by prompt length, cut every `--batch_size / --num_samples`), so a
+    resumed run samples each chunk as an uninterrupted one would, in any process."""
     from tqdm.auto import tqdm
 
-    from processes import is_main_process, shared_map
-
-    chunk_size = len(chunks[0])
-
-    def sample_chunk(c: int) -> dict:
-        indices = chunks[c]
-        samples = sampler.sample([problems[i]["prompt"] for i in indices], indices, args.seed + c * chunk_size)
-        correct = grade(samples, [problems[i]["answer"] for i in indices], args.require_think)
-        truncated = [sum(s.truncated for s in group) for group in samples]
-        return {"chunk": c, "indices": indices, "batch_size": sampler.batch_size, "correct": correct, "truncated": truncated}
-
-    bar = tqdm(total=len(problems), initial=finished, unit="problem", desc="Sampling", smoothing=0.1, disable=not is_main_process())
-    for c, record in zip(pending, shared_map(pending, sample_chunk)):
-        if is_main_process():
-            append_line(samples_path, record)
-        bar.update(len(chunks[c]))
-    bar.close()
-
-
-def sample_and_grade(problems, model_name: str, tokenizer, args: FilterArguments, samples_path: Path) -> list[list[int]]:
-    """Per problem (dataset order), the correctness of its samples; finished chunks are read back, not redone."""
-    from generation import _prompt_ids
     from processes import is_main_process, share_from_main
 
-    prompt_lengths = [len(_prompt_ids(tokenizer, messages)) for messages in problems["prompt"]]
-    chunk_size = max(1, args.batch_size // args.num_samples) if args.backend == "hf" else VLLM_PROBLEMS_PER_CHUNK
+    prompt_lengths = [len(prompt_token_ids(tokenizer, messages)) for messages in problems["prompt"]]
+    chunk_size = max(1, args.batch_size // args.num_samples) if args.backend == "hf" else generation.VLLMSampler.problems_per_chunk
     chunks = plan_chunks(prompt_lengths, chunk_size)
     settings = sampling_settings(args, model_name, problems, chunk_size)
-    samples_path.parent.mkdir(parents=True, exist_ok=True)
     main_process = is_main_process()  # under accelerate launch only the main process reads and writes the file
 
     def start_samples_file():
-        records = read_samples_file(samples_path, settings)
-        if not samples_path.exists() or samples_path.stat().st_size == 0:
-            append_line(samples_path, {"version": SAMPLES_FILE_VERSION, "settings": settings})
+        records = read_samples_file(store, settings)
+        if not store.path.exists() or store.path.stat().st_size == 0:
+            store.append([{"version": SAMPLES_FILE_VERSION, "settings": settings}])
         return records
 
-    with only_writer(samples_path) if main_process else contextlib.nullcontext():
+    with store.only_writer("filter_data.py") if main_process else contextlib.nullcontext():
         records = share_from_main(start_samples_file)
         done = {record["chunk"] for record in records}
         pending = [c for c in range(len(chunks)) if c not in done]
         finished = sum(len(chunks[c]) for c in done)
         if main_process:
-            print(f"{len(problems)} problems x {args.num_samples} samples: {finished} already done in {samples_path}, {len(problems) - finished} to sample")
+            print(f"{len(problems)} problems x {args.num_samples} samples: {finished} already done in {store.path}, {len(problems) - finished} to sample")
         if pending:
-            if args.backend == "hf":
-                batch_size = records[-1]["batch_size"] if records else args.batch_size  # a resumed run keeps a halved batch
-                sampler = HFSampler(model_name, tokenizer, args, batch_size)
-            else:
-                sampler = VLLMSampler(model_name, tokenizer, args, max(prompt_lengths))
-            sample_chunks(sampler, problems, chunks, pending, args, samples_path, finished)
+            sampler = load_sampler(model_name, tokenizer, args, records, max(prompt_lengths))
+            todo = [[{"index": i, "prompt": problems[i]["prompt"], "answer": problems[i]["answer"], "chunk": c} for i in chunks[c]] for c in pending]
+
+            def chunk_record(chunk: list[dict], samples) -> list[dict]:
+                correct = grade(samples, [p["answer"] for p in chunk], args.require_think)
+                truncated = [sum(s.truncated for s in group) for group in samples]
+                indices = [p["index"] for p in chunk]
+                return [{"chunk": chunk[0]["chunk"], "indices": indices, "batch_size": sampler.batch_size, "correct": correct, "truncated": truncated}]
+
+            bar = tqdm(total=len(problems), initial=finished, unit="problem", desc="Sampling", smoothing=0.1, disable=not main_process)
+            generation.sample_into_store(
+                sampler, todo, args.num_samples, args.temperature, args.seed, problem_key=lambda p: str(p["index"]),
+                make_records=chunk_record, store=store, bar=bar,
+            )  # fmt: skip
             if main_process:
-                records = read_samples_file(samples_path, settings)
+                records = read_samples_file(store, settings)
     if not main_process:
         return None
 
@@ -551,15 +462,14 @@ def main(args: FilterArguments) -> dict:
     check_arguments(args)
     if args.from_training_log:
         return refresh(args) if is_main_process() else {}
-    from generation import load_tokenizer
-
     if args.max_tokens is None:
         args.max_tokens = TOY_MAX_TOKENS if args.model == "toy" else DEFAULT_MAX_TOKENS
     problems = load_dataset(args)
-    model_name = resolve_toy(args.model, "model", args)
-    tokenizer = load_tokenizer(model_name, args.trust_remote_code)
+    model_name = generation.resolve_toy(args.model, args.toy_dir, "model")
+    tokenizer = generation.load_tokenizer(model_name, args.gguf_file, args.trust_remote_code)
     output = Path(args.output)
-    correct = sample_and_grade(problems, model_name, tokenizer, args, companion_path(args.output, ".samples.jsonl"))
+    store = generation.SampleStore(companion_path(args.output, ".samples.jsonl"))
+    correct = sample_and_grade(problems, model_name, tokenizer, args, store)
     if not is_main_process():  # the main process gathered everything and writes the results
         return {}
 

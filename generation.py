@@ -1,16 +1,41 @@
-"""Batched sampling of n completions per prompt with transformers.
+"""Generation for every script: loading a model and its tokenizer, sampling n answers per problem, and
+the resumable file the samples are appended to.
 
-Shared by the demo's before/after measurement in `train_grpo.py`, by `filter_data.py` and by
-`evaluate.py`, so that every number this project reports comes from the same sampling code.
-Prompts are grouped by length (less padding), left-padded, and each prompt's n samples come from
-one `generate` call; on CUDA out-of-memory the batch is halved and retried.
+`evaluate.py`, `filter_data.py` (and through evaluate.py the temperature sweep) and the before/after
+measurement of `train_grpo.py` all load and sample through this module, so every number the project
+reports comes from the same code.
 
-`sample_completions_vllm` is the same with vLLM (optional, not installed by requirements.txt): one
-seed per prompt, so a prompt's samples do not depend on the other prompts of the call.
+Loading (`load_tokenizer`, `load_config`, `load_model`, `load_vllm`) takes any of:
+- a hub id or a local model directory;
+- a LoRA adapter directory: loaded on its base model (`base_model_name_or_path`) and merged into it;
+- `toy`: the offline toy world of toy.py, built on first use (`resolve_toy`);
+- a GGUF file (llama.cpp): `model` is the file itself, or a directory / hub repo with `gguf_file` naming
+  the file in it. transformers dequantizes it (needs the `gguf` package) into a float model; the model
+  is then rebuilt from its config, as transformers refuses to save or fine-tune a model loaded that way.
+
+Sampling (`TransformersSampler`, `VLLMSampler`, the same interface): each call samples a chunk of
+problems, n answers each. transformers: prompts sorted by length and left-padded, `batch_size`
+sequences per `generate` call, the call seeded by its first problem's seed, the batch halved on CUDA
+out-of-memory. vLLM: one request per problem with its own seed. `problem_seed` derives a problem's
+seed from the run's seed, so a resumed run draws what an uninterrupted one draws.
+
+`SampleStore`: an append-only JSON-lines file, one flushed write per chunk; a line cut by a kill is
+dropped before the next append.
 """
 
+import contextlib
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from data import UserError, prompt_token_ids
+
+
+TOY_NAME = "toy"  # model or dataset name that means "the offline toy world built by toy.py"
+TOY_FILES = {"model": "model", "train": "train.jsonl", "test": "test.jsonl"}
+GGUF_SUFFIX = ".gguf"
 
 
 @dataclass
@@ -20,35 +45,262 @@ class Sample:
     truncated: bool  # stopped by the length limit rather than by an end-of-sequence token
 
 
-def _prompt_ids(tokenizer, messages) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+# ----------------------------------------------------------------------------------------------
+# Loading: hub id, local directory, LoRA adapter, `toy`, GGUF file
+# ----------------------------------------------------------------------------------------------
 
 
-def _generate_batch(model, tokenizer, batch_ids, num_samples, max_new_tokens, sampling):
+def resolve_toy(name: str | None, toy_dir: str, part: str) -> str | None:
+    """The name `toy` means the toy world's model, training or test set (`part`), built on first use."""
+    if name != TOY_NAME:
+        return name
+    import toy
+
+    world = toy.build_toy_world(toy.ToyArguments(output_dir=toy_dir))
+    return str(world / TOY_FILES[part])
+
+
+def split_gguf(model: str | None, gguf_file: str | None = None) -> tuple[str | None, str | None]:
+    """(directory or hub id, GGUF file name inside it, or None) as transformers takes them.
+
+    `model` may be the .gguf file itself; `gguf_file` may be a path to the file, with no `model`."""
+    if gguf_file:
+        in_model = model and (Path(model) / gguf_file).is_file()
+        if Path(gguf_file).is_file() and not in_model:
+            return str(Path(gguf_file).resolve().parent), Path(gguf_file).name
+        if not model:
+            raise UserError(f"no such GGUF file: {gguf_file}")
+        if Path(model).is_dir() and not in_model:
+            raise UserError(f"no GGUF file {gguf_file} in {model}")
+        return model, gguf_file
+    if model and model.lower().endswith(GGUF_SUFFIX):
+        if not Path(model).is_file():
+            raise UserError(f"no such GGUF file: {model}")
+        return str(Path(model).resolve().parent), Path(model).name
+    return model, None
+
+
+def adapter_base(model: str) -> str | None:
+    """The base model of a local LoRA adapter directory (None for a full model)."""
+    config_file = Path(model) / "adapter_config.json" if model else None
+    if config_file is None or not config_file.is_file():
+        return None
+    base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{config_file} names no base_model_name_or_path: set it to the model the adapter was trained on")
+    return base
+
+
+def _weights_source(model: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """Where the weights (and config) come from: an adapter's base, a GGUF file's directory."""
+    base = adapter_base(model)
+    return split_gguf(base, None) if base else split_gguf(model, gguf_file)
+
+
+def _load_error(model_name: str, error: Exception):
+    looks_like_path = Path(model_name).is_absolute() or model_name.startswith((".", "~")) or model_name.count("/") > 1
+    if looks_like_path and not Path(model_name).expanduser().exists():  # a hub id is `name` or `org/name`
+        return UserError(f"no such model directory: {model_name}")
+    reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+    if "gguf" in reason.lower() and "pip install" in reason.lower():
+        reason = "loading a GGUF file needs the gguf package: pip install -r requirements.txt"
+    return UserError(
+        f"could not load model '{model_name}': {reason} (give a local model directory, a GGUF file, or a hub id that is downloadable or already cached)"
+    )
+
+
+def _from_pretrained(loader, model: str, gguf_file: str | None, **kwargs):
+    """`loader.from_pretrained`, with a bad name or missing files as one `UserError` line."""
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        return loader.from_pretrained(model, **kwargs)
+    except (OSError, ValueError, ImportError) as error:  # missing files, no network, an unknown architecture, no gguf package
+        raise _load_error(str(Path(model) / gguf_file) if gguf_file and Path(model).is_dir() else model, error) from error
+
+
+def load_tokenizer(model: str, gguf_file: str | None = None, trust_remote_code: bool = False):
+    """The model's tokenizer (its chat template builds every prompt), with a pad token.
+
+    An adapter directory without its own tokenizer uses its base model's."""
+    from transformers import AutoTokenizer
+
+    has_own = adapter_base(model) is None or (Path(model) / "tokenizer_config.json").is_file()
+    name, gguf = split_gguf(model, gguf_file) if has_own else _weights_source(model, None)
+    tokenizer = _from_pretrained(AutoTokenizer, name, gguf, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_config(model: str, gguf_file: str | None = None, trust_remote_code: bool = False):
+    """The model's config (its base's for an adapter; read from the file for GGUF)."""
+    from transformers import AutoConfig
+
+    name, gguf = _weights_source(model, gguf_file)
+    return _from_pretrained(AutoConfig, name, gguf, trust_remote_code=trust_remote_code)
+
+
+def torch_dtype(dtype):
+    """`auto`: bfloat16 (or float16) on a GPU, float32 on a CPU; a name such as `float32`; a torch dtype as it
+    is; None: the dtype the checkpoint was saved in."""
+    import torch
+
+    if dtype is None:
+        return "auto"  # transformers' name for "as saved"
+    if not isinstance(dtype, str):
+        return dtype
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+@contextlib.contextmanager
+def _gguf_name_map_built_once():
+    """transformers 5.24 rebuilds gguf's tensor-name table for every module of the model (397 times, 5 s
+    for SmolLM2); the table depends only on the architecture and depth, so build each one once."""
+    import functools
+
+    import gguf
+
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
+
+
+def _without_gguf(model):
+    """The same weights in a model built from the config: transformers refuses to save (and to fine-tune)
+    a model it dequantized from GGUF, as it still counts it as quantized."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with no_init_weights():  # every weight is loaded just below: a random start would only cost time
+        plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict())  # strict: a weight left out would fail here
+    plain.generation_config = model.generation_config
+    return plain
+
+
+def load_model(
+    model: str, gguf_file: str | None = None, dtype="auto", config=None, trust_remote_code: bool = False, device: str | None = "auto", **kwargs
+):
+    """A transformers causal LM in eval mode; raises `data.UserError` (one line) when it cannot be loaded.
+
+    `dtype`: `auto` (bfloat16 or float16 on a GPU, float32 on CPU), a dtype name, a torch dtype, or None
+    (as saved; GGUF files dequantize to float32). `config`: a changed config (e.g. YaRN).
+    `device`: `auto` puts it on the GPU when there is one; None leaves it where it loaded (training:
+    the trainer places it). A LoRA adapter is merged into its base (plain generate speed).
+    `kwargs` go to `from_pretrained` (revision, attn_implementation, quantization_config, device_map).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    name, gguf = _weights_source(model, gguf_file)
+    if gguf and kwargs.get("quantization_config") is not None:
+        raise UserError("a GGUF file cannot be loaded in 4 or 8 bits with bitsandbytes: drop --load_in_4bit / --load_in_8bit (LoRA works on it)")
+    if config is not None:
+        kwargs["config"] = config
+    with _gguf_name_map_built_once() if gguf else contextlib.nullcontext():
+        loaded = _from_pretrained(AutoModelForCausalLM, name, gguf, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs)
+    if gguf:
+        loaded = _without_gguf(loaded)
+        # An adapter trained on this model names the file as its base, so it loads again without --gguf_file.
+        loaded.name_or_path = loaded.config._name_or_path = str(Path(name) / gguf) if Path(name).is_dir() else name
+    if adapter_base(model) is not None:
+        from peft import PeftModel
+
+        loaded = PeftModel.from_pretrained(loaded, model).merge_and_unload()
+    if device == "auto" and torch.cuda.is_available():
+        loaded = loaded.to("cuda")
+    return loaded.eval()
+
+
+def load_vllm(
+    model: str, gguf_file: str | None = None, dtype: str = "auto", seed: int = 0, max_model_len: int | None = None,
+    trust_remote_code: bool = False, **llm_kwargs,
+):
+    """A `vllm.LLM`; raises `data.UserError` (one line) when vLLM is not installed.
+
+    vLLM reads a GGUF file by its path (its tokenizer from the same file). `llm_kwargs` go to
+    `vllm.LLM` as they are (e.g. `hf_overrides` for YaRN, `gpu_memory_utilization`)."""
+    try:
+        from vllm import LLM
+    except ImportError as error:
+        raise UserError(
+            f"the vllm backend needs vLLM, which cannot be imported ({error}): pip install vllm on a CUDA machine, or use --backend hf"
+        ) from None
+    name, gguf = split_gguf(model, gguf_file)
+    path = str(Path(name) / gguf) if gguf else name
+    try:
+        return LLM(model=path, dtype=dtype, seed=seed, max_model_len=max_model_len, trust_remote_code=trust_remote_code, **llm_kwargs)
+    except (OSError, ValueError) as error:
+        raise _load_error(path, error) from error
+
+
+def merge_adapter(model: str, target: Path, trust_remote_code: bool = False) -> str:
+    """A LoRA adapter merged into its base and saved once into `target` (vLLM loads full models only)."""
+    target = Path(target)
+    if not (target / "config.json").is_file():
+        print(f"Merging the adapter {model} into its base {adapter_base(model)}: {target}")
+        load_model(model, dtype="float32", trust_remote_code=trust_remote_code, device=None).save_pretrained(target)
+        load_tokenizer(model, trust_remote_code=trust_remote_code).save_pretrained(target)
+    return str(target)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+
+
+def problem_seed(base_seed: int, problem_key: str, temperature: float) -> int:
+    """A seed per problem and temperature, the same in a resumed run and in any process."""
+    digest = hashlib.sha1(f"{base_seed}:{problem_key}:{temperature!r}".encode()).hexdigest()
+    return int(digest[:8], 16)
+
+
+def _sampling_kwargs(temperature: float, top_p: float, top_k: int) -> dict:
+    if temperature <= 0:
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos])
+
+
+def _generate_batch(model, tokenizer, batch_ids, num_samples, max_new_tokens, sampling, eos_ids):
     import torch
 
     length = max(len(ids) for ids in batch_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = torch.tensor([[pad] * (length - len(ids)) + ids for ids in batch_ids], device=model.device)
     attention_mask = torch.tensor([[0] * (length - len(ids)) + [1] * len(ids) for ids in batch_ids], device=model.device)
-    with torch.no_grad():
+    with torch.inference_mode():
         output = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
             num_return_sequences=num_samples,
             pad_token_id=pad,
+            eos_token_id=sorted(eos_ids),
             **sampling,
         )
-    completion_ids = output[:, length:].tolist()
-    eos_ids = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list) else [model.generation_config.eos_token_id or tokenizer.eos_token_id])
     samples = []
-    for ids in completion_ids:
+    for ids in output[:, length:].tolist():
         stop = next((i for i, token in enumerate(ids) if token in eos_ids), None)
-        kept = ids[: stop + 1] if stop is not None else [t for t in ids if t != pad]
+        kept = ids[: stop + 1] if stop is not None else ids
         text = tokenizer.decode(kept, skip_special_tokens=True)
-        samples.append(Sample(text=text, num_tokens=len(kept), truncated=stop is None and len(kept) >= max_new_tokens))
+        samples.append(Sample(text=text, num_tokens=len(kept), truncated=stop is None))
     return [samples[i * num_samples : (i + 1) * num_samples] for i in range(len(batch_ids))]
 
 
@@ -67,23 +319,21 @@ def sample_completions(
     desc: str = "Sampling",
     adapt_batch_size: bool = True,
 ) -> list[list[Sample]]:
-    """Sample `num_samples` completions for each chat prompt; returns them in the prompts' order.
+    """Sample `num_samples` completions for each chat prompt with transformers; returns them in the prompts' order.
 
-    `batch_size` counts sequences (prompts x samples) per `generate` call. A `seed` makes the run
-    reproducible: the generator is reseeded before each batch. Batched sampling depends on which
-    prompts share a batch, so the same prompts with the same `batch_size` and `seed` give the same
-    samples. With `adapt_batch_size=False` a CUDA out-of-memory error is raised instead of halving
-    the batch, for callers that must know the batch size every result was drawn with.
+    `batch_size` counts sequences (prompts x samples) per `generate` call; prompts are sorted by length
+    (less padding) and left-padded. A `seed` makes the run reproducible: the generator is reseeded
+    before each batch. Batched sampling depends on which prompts share a batch, so the same prompts with
+    the same `batch_size` and `seed` give the same samples. With `adapt_batch_size=False` a CUDA
+    out-of-memory error is raised instead of halving the batch, for callers that must know the batch
+    size every result was drawn with.
     """
     import torch
     from tqdm.auto import tqdm
 
-    sampling = {"do_sample": temperature > 0}
-    if temperature > 0:
-        sampling.update(temperature=temperature, top_p=top_p, top_k=top_k)
-    else:
-        sampling.update(temperature=None, top_p=None, top_k=None)
-    encoded = [_prompt_ids(tokenizer, messages) for messages in prompts]
+    sampling = _sampling_kwargs(temperature, top_p, top_k)
+    eos_ids = _eos_ids(model, tokenizer)
+    encoded = [prompt_token_ids(tokenizer, messages) for messages in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     prompts_per_batch = max(1, batch_size // num_samples)
     results: list[list[Sample] | None] = [None] * len(encoded)
@@ -96,7 +346,7 @@ def sample_completions(
         if seed is not None:
             torch.manual_seed(seed + batch_number)
         try:
-            batch = _generate_batch(model, tokenizer, [encoded[i] for i in indices], num_samples, max_new_tokens, sampling)
+            batch = _generate_batch(model, tokenizer, [encoded[i] for i in indices], num_samples, max_new_tokens, sampling, eos_ids)
         except torch.OutOfMemoryError:
             if prompts_per_batch == 1 or not adapt_batch_size:
                 raise
@@ -111,81 +361,6 @@ def sample_completions(
     bar.close()
     model.train(was_training)
     return results
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading, and the vLLM backend
-# ----------------------------------------------------------------------------------------------
-
-
-def _torch_dtype(dtype: str):
-    import torch
-
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def _load_error(model_name: str, error: Exception):
-    from data import UserError
-
-    looks_like_path = Path(model_name).is_absolute() or model_name.startswith((".", "~")) or model_name.count("/") > 1
-    if looks_like_path and not Path(model_name).expanduser().exists():  # a hub id is `name` or `org/name`
-        return UserError(f"no such model directory: {model_name}")
-    reason = (str(error).strip() or type(error).__name__).splitlines()[0]
-    return UserError(
-        f"could not load model '{model_name}': {reason} (give a local model directory, or a hub id that is downloadable or already cached)"
-    )
-
-
-def load_tokenizer(model_name: str, trust_remote_code: bool = False):
-    """The model's tokenizer (its chat template builds every prompt); `data.UserError` when it cannot be loaded."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:  # missing files, no network, an invalid name
-        raise _load_error(model_name, error) from error
-
-
-def load_model(model_name: str, dtype: str = "auto", trust_remote_code: bool = False):
-    """A transformers model for sampling: eval mode, on the GPU when there is one.
-
-    `dtype`: `auto` (bfloat16 or float16 on a GPU, float32 on CPU), `bfloat16`, `float16` or `float32`.
-    Raises `data.UserError` (one line) when the model cannot be loaded.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_name, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:  # missing weights, no network, an unknown architecture
-        raise _load_error(model_name, error) from error
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    return model.eval()
-
-
-def load_vllm(
-    model_name: str, dtype: str = "auto", seed: int = 0, max_model_len: int | None = None, trust_remote_code: bool = False, **llm_kwargs
-):
-    """A `vllm.LLM`; raises `data.UserError` (one line) when vLLM is not installed.
-
-    `llm_kwargs` go to `vllm.LLM` as they are (e.g. `hf_overrides` for YaRN, `gpu_memory_utilization`)."""
-    from data import UserError
-
-    try:
-        from vllm import LLM
-    except ImportError as error:
-        raise UserError(
-            f"the vllm backend needs vLLM, which cannot be imported ({error}): pip install vllm on a CUDA machine, or use --backend hf"
-        ) from None
-    try:
-        return LLM(model=model_name, dtype=dtype, seed=seed, max_model_len=max_model_len, trust_remote_code=trust_remote_code, **llm_kwargs)
-    except (OSError, ValueError) as error:
-        raise _load_error(model_name, error) from error
 
 
 def sample_completions_vllm(
@@ -216,9 +391,169 @@ def sample_completions_vllm(
         )
         for seed in seeds
     ]
-    requests = [{"prompt_token_ids": _prompt_ids(tokenizer, messages)} for messages in prompts]
+    requests = [{"prompt_token_ids": prompt_token_ids(tokenizer, messages)} for messages in prompts]
     outputs = llm.generate(requests, params, use_tqdm=False)
     return [
         [Sample(text=o.text, num_tokens=len(o.token_ids), truncated=o.finish_reason == "length") for o in output.outputs]
         for output in outputs
     ]
+
+
+@dataclass
+class SamplingSettings:
+    """What every sampled answer of a run shares (the temperature may change between calls: the sweep)."""
+
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 512
+
+
+class TransformersSampler:
+    """transformers `generate`: `batch_size` sequences per call, the call seeded by its first problem's seed.
+
+    On CUDA out-of-memory the batch is halved and the same problems are sampled again with it; the
+    halved `batch_size` stays for later calls (scripts that resume record it)."""
+
+    backend = "hf"
+
+    def __init__(self, model, tokenizer, settings: SamplingSettings, batch_size: int):
+        self.model, self.tokenizer, self.settings, self.batch_size = model, tokenizer, settings, batch_size
+
+    def problems_per_call(self, num_samples: int) -> int:
+        return max(1, self.batch_size // num_samples)
+
+    def sample(self, prompts: list[list[dict]], seeds: list[int], num_samples: int, temperature: float) -> list[list[Sample]]:
+        import torch
+        from tqdm.auto import tqdm
+
+        while True:
+            try:
+                return sample_completions(
+                    self.model, self.tokenizer, prompts, num_samples=num_samples, temperature=temperature,
+                    top_p=self.settings.top_p, top_k=self.settings.top_k, max_new_tokens=self.settings.max_new_tokens,
+                    batch_size=self.batch_size, seed=seeds[0], progress=False, adapt_batch_size=False,
+                )  # fmt: skip
+            except torch.OutOfMemoryError:
+                if self.batch_size <= num_samples:
+                    raise UserError("out of GPU memory with one problem per batch: lower the answer length or the samples per problem, or use --backend vllm") from None
+                self.batch_size = max(num_samples, self.batch_size // 2)
+                torch.cuda.empty_cache()
+                tqdm.write(f"Out of GPU memory: sampling again with --batch_size {self.batch_size}")
+
+
+class VLLMSampler:
+    """vLLM: one request per problem with its own seed; vLLM schedules its own batches."""
+
+    backend = "vllm"
+    problems_per_chunk = 512  # only bounds the work a kill loses
+
+    def __init__(self, llm, tokenizer, settings: SamplingSettings):
+        self.llm, self.tokenizer, self.settings = llm, tokenizer, settings
+        self.batch_size = None
+
+    def problems_per_call(self, num_samples: int) -> int:
+        return self.problems_per_chunk
+
+    def sample(self, prompts: list[list[dict]], seeds: list[int], num_samples: int, temperature: float) -> list[list[Sample]]:
+        return sample_completions_vllm(
+            self.llm, self.tokenizer, prompts, seeds=seeds, num_samples=num_samples, temperature=temperature,
+            top_p=self.settings.top_p, top_k=self.settings.top_k, max_new_tokens=self.settings.max_new_tokens,
+        )  # fmt: skip
+
+
+def load_sampler(
+    backend: str, model: str, settings: SamplingSettings, *, gguf_file: str | None = None, dtype: str = "auto", batch_size: int = 64,
+    config=None, seed: int = 0, max_model_len: int | None = None, merged_dir: Path | None = None, trust_remote_code: bool = False,
+    tokenizer=None, **vllm_kwargs,
+):
+    """A `TransformersSampler` (`backend` "hf") or `VLLMSampler` ("vllm") with the model loaded.
+
+    `config`: a changed config for transformers (YaRN; vLLM takes it as `hf_overrides` in `vllm_kwargs`).
+    `merged_dir`: where vLLM's copy of a LoRA adapter merged into its base goes."""
+    tokenizer = tokenizer or load_tokenizer(model, gguf_file, trust_remote_code)
+    if backend == "vllm":
+        if adapter_base(model) is not None:
+            model = merge_adapter(model, merged_dir or Path(model) / "merged", trust_remote_code)
+        llm = load_vllm(model, gguf_file, dtype, seed, max_model_len, trust_remote_code, **vllm_kwargs)
+        return VLLMSampler(llm, tokenizer, settings)
+    loaded = load_model(model, gguf_file, dtype, config=config, trust_remote_code=trust_remote_code)
+    return TransformersSampler(loaded, tokenizer, settings, batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sample store: an append-only JSON-lines file
+# ----------------------------------------------------------------------------------------------
+
+
+class SampleStore:
+    """Records appended one flushed write at a time, so a killed run loses at most the chunk being
+    written; that half line is cut off before anything else is read or appended."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def drop_partial_line(self) -> None:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        with self.path.open("rb+") as file:
+            file.seek(-1, os.SEEK_END)
+            if file.read(1) == b"\n":
+                return
+            file.seek(0)
+            content = file.read()
+            file.truncate(content.rfind(b"\n") + 1)
+
+    def records(self) -> list[dict]:
+        """Every whole record, in the order written (the file's half last line, if any, is cut first)."""
+        self.drop_partial_line()
+        if not self.path.exists():
+            return []
+        records = []
+        with self.path.open() as file:
+            for line in file:
+                with contextlib.suppress(json.JSONDecodeError):  # a damaged line tells nothing: its work is redone
+                    records.append(json.loads(line))
+        return records
+
+    def append(self, records: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as file:
+            file.write("".join(json.dumps(record, default=str) + "\n" for record in records))
+            file.flush()
+            os.fsync(file.fileno())
+
+    @contextlib.contextmanager
+    def only_writer(self, script: str):
+        """One run at a time appends to a store; a second one is told so in one line."""
+        from filelock import FileLock, Timeout
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.path) + ".lock", timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise UserError(f"another {script} run is writing {self.path}: wait for it, or give another output") from None
+        try:
+            yield self
+        finally:
+            lock.release()
+            Path(lock.lock_file).unlink(missing_ok=True)
+
+
+def sample_into_store(sampler, chunks: list[list[dict]], num_samples: int, temperature: float, seed: int, problem_key, make_records, store, bar) -> None:
+    """Sample each chunk of problems (dicts with a chat `prompt`), each problem seeded by
+    `problem_seed(seed, problem_key(problem), temperature)`, and append `make_records(chunk, samples)`
+    to `store`, advancing the progress `bar`. Under `accelerate launch` the processes take the chunks
+    in turn and the main process appends them in order (processes.py)."""
+    from processes import is_main_process, shared_map
+
+    def sample_chunk(chunk):
+        seeds = [problem_seed(seed, problem_key(problem), temperature) for problem in chunk]
+        samples = sampler.sample([problem["prompt"] for problem in chunk], seeds, num_samples, temperature)
+        return make_records(chunk, samples)
+
+    for chunk, records in zip(chunks, shared_map(chunks, sample_chunk)):
+        if is_main_process():
+            store.append(records)
+        bar.update(len(chunk))
+    bar.close()

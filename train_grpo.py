@@ -8,7 +8,9 @@
 
 Arguments come from TRL's `TrlParser`: `ScriptArguments` (data and evaluation), `PolarisConfig`
 (TRL's `GRPOConfig` with POLARIS defaults: 8 rollouts per prompt, no KL, clip-higher, token-mean
-loss, constant lr 1e-6) and TRL's `ModelConfig` (LoRA / quantization flags).
+loss, constant lr 1e-6) and `PolarisModelConfig` (TRL's `ModelConfig`, LoRA / quantization flags, plus
+`--gguf_file`). Models load through generation.py: a hub id, a local directory, a LoRA adapter, `toy`
+or a llama.cpp GGUF file (`--model_name_or_path model.gguf`, dequantized to a float model).
 """
 
 import json
@@ -23,11 +25,11 @@ from trl import ScriptArguments as TrlScriptArguments
 from batch_repair import BatchRepairMixin
 from checkpoints import CheckpointMixin
 from data import DEFAULT_PROMPT_SUFFIX, UserError, filter_long_prompts, load_problems, run_cli
+from generation import TOY_NAME
 from step_batch import StepBatchMixin
 
 
 DEMO_RECIPE = Path(__file__).resolve().parent / "recipes" / "demo.yaml"
-TOY_NAME = "toy"  # model or dataset name that means "the offline toy world built by toy.py"
 
 
 @dataclass
@@ -155,6 +157,16 @@ class PolarisConfig(GRPOConfig):
         self.geometry_notes = ([note] if note else []) + check_step_geometry(self)
 
 
+@dataclass
+class PolarisModelConfig(ModelConfig):
+    """TRL's `ModelConfig` and a GGUF file."""
+
+    gguf_file: str | None = field(
+        default=None,
+        metadata={"help": "A GGUF (llama.cpp) file: its path, or its name inside --model_name_or_path (a directory or hub repo)."},
+    )
+
+
 class PolarisGRPOTrainer(CheckpointMixin, BatchRepairMixin, StepBatchMixin, GRPOTrainer):
     """`GRPOTrainer` plus the POLARIS additions (see the other modules). `CheckpointMixin` (checkpoints.py):
     complete-or-ignored checkpoints, exact resumption, a checkpoint and a clean stop on Ctrl-C / SIGTERM.
@@ -202,29 +214,17 @@ class PolarisGRPOTrainer(CheckpointMixin, BatchRepairMixin, StepBatchMixin, GRPO
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_toy(name: str | None, script_args: ScriptArguments, part: str) -> str | None:
-    """Map the name `toy` to the toy world's files, building the world on first use."""
-    if name != TOY_NAME:
-        return name
-    import toy
-
-    toy_dir = toy.build_toy_world(toy.ToyArguments(output_dir=script_args.toy_dir))
-    return str(toy_dir / {"model": "model", "train": "train.jsonl", "test": "test.jsonl"}[part])
-
-
 def load_model(model_args: ModelConfig, training_args: PolarisConfig):
+    """The model to train (generation.load_model: also a LoRA adapter, merged, or a GGUF file), left on
+    the CPU for the trainer to place."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from generation import load_model as load
 
     dtype = model_args.dtype
     if dtype in (None, "auto"):
-        dtype = torch.bfloat16 if training_args.bf16 else "auto" if torch.cuda.is_available() else torch.float32
-    kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=dtype,
-    )
+        dtype = torch.bfloat16 if training_args.bf16 else None if torch.cuda.is_available() else torch.float32  # None: as saved
+    kwargs = dict(revision=model_args.model_revision, attn_implementation=model_args.attn_implementation)
     if model_args.load_in_4bit or model_args.load_in_8bit:
         from dataclasses import replace
 
@@ -236,13 +236,10 @@ def load_model(model_args: ModelConfig, training_args: PolarisConfig):
         kwargs["quantization_config"] = get_quantization_config(replace(model_args, dtype=compute_dtype))
         # Quantized weights are placed while loading: each process loads onto its own GPU.
         kwargs["device_map"] = {"": PartialState().local_process_index} if torch.cuda.is_available() else None
-    try:
-        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
-    except OSError as error:
-        raise UserError(
-            f"could not load model '{model_args.model_name_or_path}': {str(error).splitlines()[0]} "
-            "(give a local model directory, a hub id that is downloadable or cached, or `toy`)"
-        ) from error
+    return load(
+        model_args.model_name_or_path, getattr(model_args, "gguf_file", None), dtype,
+        trust_remote_code=training_args.trust_remote_code, device=None, **kwargs,
+    )  # fmt: skip
 
 
 def check_model_options(training_args: PolarisConfig, model_args: ModelConfig):
@@ -282,16 +279,13 @@ def save_merged_model(adapter_dir: str | Path, merged_dir: str | Path, dtype=Non
     adapter is merged into the unquantized weights and the GPU's memory is not needed.
     """
     import torch
-    from peft import AutoPeftModelForCausalLM
-    from transformers import AutoTokenizer
 
-    model = AutoPeftModelForCausalLM.from_pretrained(
-        str(adapter_dir), dtype=dtype or torch.float32, device_map=None, trust_remote_code=trust_remote_code
-    )
-    merged = model.merge_and_unload()
+    from generation import load_model, load_tokenizer
+
+    merged = load_model(str(adapter_dir), dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, device=None)
     merged_dir = Path(merged_dir)
     merged.save_pretrained(merged_dir)
-    AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code).save_pretrained(merged_dir)
+    load_tokenizer(str(adapter_dir), trust_remote_code=trust_remote_code).save_pretrained(merged_dir)
     return merged_dir
 
 
@@ -469,8 +463,9 @@ def report_interrupt(trainer, interrupt) -> dict:
 
 def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args: ModelConfig, trainer_class=None):
     """Train and measure; `trainer_class` (default `PolarisGRPOTrainer`) lets ablations run TRL's own."""
-    from transformers import AutoTokenizer, set_seed
+    from transformers import set_seed
 
+    from generation import load_tokenizer, resolve_toy
     from rewards import get_reward_funcs
 
     start = time.time()
@@ -485,22 +480,20 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
     if note and training_args.process_index == 0:
         print(f"note: {note}", file=sys.stderr)
     resume_checkpoint = find_resume_checkpoint(training_args)  # before anything loads: a wrong path fails at once
-    model_args.model_name_or_path = resolve_toy(model_args.model_name_or_path, script_args, "model")
-    if not model_args.model_name_or_path:
-        raise UserError("no model given: pass --model_name_or_path (a hub id, a local directory or `toy`)")
+    model_args.model_name_or_path = resolve_toy(model_args.model_name_or_path, script_args.toy_dir, "model")
+    gguf_file = getattr(model_args, "gguf_file", None)
+    if not model_args.model_name_or_path and not gguf_file:
+        raise UserError("no model given: pass --model_name_or_path (a hub id, a local directory, a .gguf file or `toy`)")
     if not script_args.dataset_name:
         raise UserError("no training data given: pass --dataset_name (a hub id, a local file or `toy`)")
-    script_args.dataset_name = resolve_toy(script_args.dataset_name, script_args, "train")
-    script_args.eval_dataset_name = resolve_toy(script_args.eval_dataset_name, script_args, "test")
+    script_args.dataset_name = resolve_toy(script_args.dataset_name, script_args.toy_dir, "train")
+    script_args.eval_dataset_name = resolve_toy(script_args.eval_dataset_name, script_args.toy_dir, "test")
     try:
         reward_funcs = get_reward_funcs(script_args.reward_funcs)
     except (ValueError, ImportError, AttributeError) as error:
         raise UserError(str(error)) from error
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)
-    except OSError as error:
-        raise UserError(f"could not load the tokenizer of '{model_args.model_name_or_path}': {str(error).splitlines()[0]}") from error
+    tokenizer = load_tokenizer(model_args.model_name_or_path, gguf_file, training_args.trust_remote_code)
     train_dataset = load_training_data(script_args, tokenizer)
     eval_problems = load_eval_problems(script_args)
     model = load_model(model_args, training_args)
@@ -569,7 +562,7 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
 
 
 def make_parser():
-    return TrlParser((ScriptArguments, PolarisConfig, ModelConfig))
+    return TrlParser((ScriptArguments, PolarisConfig, PolarisModelConfig))
 
 
 def parse_args(args: list[str] | None = None):

@@ -18,6 +18,7 @@ from data import UserError
 from test_train_cli import assert_one_line_error
 
 import evaluate
+from generation import SampleStore
 from evaluate import EvalArguments, benchmark_metrics, k_values, maj_at_k, majority_vote, pass_at_k
 
 
@@ -206,17 +207,18 @@ def test_yarn_changes_the_config_and_generation_runs_past_the_original_context(t
     import torch
 
     from data import build_messages
-    from generation import _prompt_ids
+    from data import prompt_token_ids
+    from generation import load_model, load_tokenizer
 
     args = EvalArguments(model=str(toy_world / "model"), yarn_factor=2.0)
     config, rope = evaluate.load_config(args.model, args)
     assert config.rope_parameters == {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 512}
     assert config.max_position_embeddings == 1024
     assert rope["original_max_position_embeddings"] == 512 and rope["max_position_embeddings"] == 1024
-    model = evaluate.load_hf_model(args.model, config, args)
+    model = load_model(args.model, config=config)
     assert model.config.rope_parameters["rope_type"] == "yarn" and model.model.rotary_emb.rope_type == "yarn"
     plain_args = EvalArguments(model=args.model)
-    plain = evaluate.load_hf_model(args.model, evaluate.load_config(args.model, plain_args)[0], plain_args)
+    plain = load_model(args.model, config=evaluate.load_config(args.model, plain_args)[0])
     ids = torch.randint(10, 90, (1, 600))
     with torch.no_grad():
         assert not torch.allclose(model(ids).logits, plain(ids).logits, atol=1e-3)  # the scaling is in force
@@ -234,8 +236,8 @@ def test_yarn_changes_the_config_and_generation_runs_past_the_original_context(t
     assert "warning: prompts" not in capsys.readouterr().out  # 1024 positions hold prompt + answer
     assert summary["settings"]["rope"]["rope_parameters"]["rope_type"] == "yarn"
     assert summary["settings"]["yarn_factor"] == 2.0 and summary["settings"]["original_max_position_embeddings"] == 512
-    tokenizer = evaluate.load_tokenizer(args.model, args)
-    prompt_length = len(_prompt_ids(tokenizer, build_messages(problems[0]["problem"])))
+    tokenizer = load_tokenizer(args.model)
+    prompt_length = len(prompt_token_ids(tokenizer, build_messages(problems[0]["problem"])))
     assert prompt_length > 512
     rows = read_rows(tmp_path / "out" / "samples.jsonl")
     assert len(rows) == 6 and all(r["length"] >= 1 for r in rows)
@@ -246,6 +248,8 @@ def test_lora_adapter_is_loaded_on_its_base(toy_world, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from generation import adapter_base, load_model, load_tokenizer
+
     base_path = str(toy_world / "model")
     peft_model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base_path), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
@@ -254,15 +258,15 @@ def test_lora_adapter_is_loaded_on_its_base(toy_world, tmp_path):
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == base_path
 
     args = EvalArguments(model=str(tmp_path / "adapter"))
-    assert evaluate.adapter_base(args.model) == base_path
+    assert adapter_base(args.model) == base_path
     config, _ = evaluate.load_config(args.model, args)
-    merged = evaluate.load_hf_model(args.model, config, args)
+    merged = load_model(args.model, config=config)
     base = AutoModelForCausalLM.from_pretrained(base_path)
     ids = torch.randint(10, 90, (1, 20))
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, peft_model.eval()(ids).logits, atol=1e-4)
         assert not torch.allclose(merged(ids).logits, base(ids).logits, atol=1e-4)
-    assert evaluate.load_tokenizer(args.model, args).eos_token == "<|im_end|>"
+    assert load_tokenizer(args.model).eos_token == "<|im_end|>"
 
 
 @pytest.mark.slow
@@ -279,7 +283,7 @@ def test_a_killed_run_resumes_where_it_stopped(toy_world, tmp_path, capsys):
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    finished = sum(len(rows) == 4 for rows in evaluate.read_samples(samples).values())
+    finished = sum(len(rows) == 4 for rows in evaluate.read_samples(SampleStore(samples)).values())
     assert 1 <= finished < 24
 
     summary = evaluate.main(evaluate.parse_args([*common, "--output_dir", str(killed_dir)]))
@@ -299,10 +303,11 @@ def test_a_killed_run_resumes_where_it_stopped(toy_world, tmp_path, capsys):
 def test_a_half_written_line_is_dropped(tmp_path):
     path = tmp_path / "samples.jsonl"
     path.write_text('{"a": 1}\n{"b": 2}\n{"settings_ha')
-    evaluate.drop_partial_line(path)
+    store = SampleStore(path)
+    assert store.records() == [{"a": 1}, {"b": 2}]
     assert path.read_text() == '{"a": 1}\n{"b": 2}\n'
-    evaluate.drop_partial_line(path)
-    assert path.read_text() == '{"a": 1}\n{"b": 2}\n'
+    store.append([{"c": 3}])  # appending goes on after the last whole record
+    assert store.records() == [{"a": 1}, {"b": 2}, {"c": 3}]
 
 
 def test_temperature_sweep_writes_the_report_from_its_samples(toy_world, tmp_path, capsys):

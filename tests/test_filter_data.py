@@ -185,12 +185,13 @@ def test_keep_rule():
 
 def test_a_record_cut_by_a_kill_is_dropped_and_redone(tmp_path):
     from filter_data import read_samples_file
+    from generation import SampleStore
 
     settings = {"seed": 0}
     path = tmp_path / "out.samples.jsonl"
     good = json.dumps({"version": 1, "settings": settings}) + "\n" + json.dumps({"chunk": 0, "indices": [1], "correct": [[1]]}) + "\n"
     path.write_text(good + '{"chunk": 1, "indices": [0], "corr')
-    records = read_samples_file(path, settings)
+    records = read_samples_file(SampleStore(path), settings)
     assert [r["chunk"] for r in records] == [0]
     assert path.read_text() == good  # appending goes on after the last whole record
 
@@ -198,11 +199,12 @@ def test_a_record_cut_by_a_kill_is_dropped_and_redone(tmp_path):
 def test_samples_from_other_settings_are_refused(tmp_path):
     from data import UserError
     from filter_data import read_samples_file
+    from generation import SampleStore
 
     path = tmp_path / "out.samples.jsonl"
     path.write_text(json.dumps({"version": 1, "settings": {"temperature": 1.0, "seed": 0}}) + "\n")
     with pytest.raises(UserError, match="temperature: 1.0 then, 0.6 now"):
-        read_samples_file(path, {"temperature": 0.6, "seed": 0})
+        read_samples_file(SampleStore(path), {"temperature": 0.6, "seed": 0})
 
 
 def test_out_of_memory_halves_the_batch_and_a_resumed_run_keeps_it(toy_world, tmp_path, monkeypatch):
@@ -265,7 +267,9 @@ def test_vllm_backend_seeds_every_problem(toy_world, tmp_path, monkeypatch):
         "--backend", "vllm", "--model", str(toy_world / "model"), "--dataset", str(problems), "--output", str(tmp_path / "o.jsonl"),
         "--num_samples", "4", "--max_tokens", "32", "--seed", "10",
     )
-    assert sorted(p.seed for p in calls["params"]) == [10, 11]
+    from generation import problem_seed
+
+    assert sorted(p.seed for p in calls["params"]) == sorted(problem_seed(10, str(i), 1.0) for i in (0, 1))  # one per problem
     assert all(p.n == 4 and p.max_tokens == 32 and p.top_k == -1 for p in calls["params"])
     assert calls["llm"]["seed"] == 10 and calls["llm"]["max_model_len"] > 32
     assert [row["difficulty"] for row in read_jsonl(tmp_path / "o.jsonl")] == ["0/4"]  # 4/4 dropped
