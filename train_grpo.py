@@ -69,6 +69,13 @@ class ScriptArguments(TrlScriptArguments):
         default=False,
         metadata={"help": "With --use_peft: also save the base model with the adapter merged in, to OUTPUT_DIR/merged."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start afresh in an --output_dir that holds a run, deleting its checkpoints and trainer_state.json "
+            "(without it such a directory stops the run; --resume_from_checkpoint true continues it instead)."
+        },
+    )
 
 
 @dataclass
@@ -191,11 +198,34 @@ class PolarisGRPOTrainer(CheckpointMixin, BatchRepairMixin, StepBatchMixin, GRPO
         if self.stage_schedule is not None and state.get("stage_schedule"):
             self.stage_schedule.load_state_dict(state["stage_schedule"])
 
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's card names only hub models as the base ("fine-tuned version of [None](...)" for a local
+        directory): name `base_model_name` (set by `main`) instead."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        base = getattr(self, "base_model_name", None)
+        card = Path(self.args.output_dir) / "README.md"
+        if base and self.is_world_process_zero() and card.is_file():
+            card.write_text(name_base_model_in_card(card.read_text(), base, getattr(self, "base_model_path", None)))
+
     def stage_starts(self) -> list[dict]:
         """Each stage entered: {stage (1-based), step, reason}."""
         if self.stage_schedule is None:
             return []
         return [{**record, "stage": record["stage"] + 1} for record in self.stage_schedule.started]
+
+
+def name_base_model_in_card(card: str, base_model: str, path: str | None = None) -> str:
+    """The model card with its base model named: a hub id as a link (in the text and the `base_model`
+    metadata), the toy world or a local directory in words."""
+    if base_model == TOY_NAME:
+        words = f"the offline toy model built by toy.py (`{path}`)" if path else "the offline toy model built by toy.py"
+    elif Path(base_model).is_dir() or base_model.startswith((".", "/", "~")):
+        words = f"the local model `{base_model}`"
+    else:
+        words = f"[{base_model}](https://huggingface.co/{base_model})"
+        if card.startswith("---\n") and "\nbase_model:" not in card.split("\n---", 1)[0]:
+            card = f"---\nbase_model: {base_model}\n" + card[len("---\n"):]
+    return card.replace("[None](https://huggingface.co/None)", words)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,6 +457,40 @@ def find_resume_checkpoint(training_args: PolarisConfig) -> Path | None:
     return resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir, warn)
 
 
+RUN_FILES = ("trainer_state.json",)  # with checkpoint-N directories: what says a directory holds a run
+
+
+def previous_run(output_dir) -> list[str]:
+    """The names in `output_dir` that show a run was trained there (checkpoints, trainer_state.json)."""
+    from checkpoints import list_checkpoints
+
+    directory = Path(output_dir)
+    if not directory.is_dir():
+        return []
+    return [path.name for path in list_checkpoints(directory)] + [name for name in RUN_FILES if (directory / name).exists()]
+
+
+def check_output_dir(script_args: ScriptArguments, training_args: PolarisConfig, resume_checkpoint: Path | None):
+    """A fresh run into a directory holding a run stops, unless `--overwrite_output_dir`, which clears it."""
+    import shutil
+
+    found = previous_run(training_args.output_dir) if resume_checkpoint is None else []
+    if not found:
+        return
+    if not script_args.overwrite_output_dir:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise UserError(
+            f"{training_args.output_dir} already holds a run ({shown}): continue it with --resume_from_checkpoint true, "
+            "start afresh over it with --overwrite_output_dir true, or pick another --output_dir"
+        )
+    with training_args.main_process_first(desc="clearing the previous run"):
+        if training_args.process_index == 0:
+            for name in found:
+                path = Path(training_args.output_dir) / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            print(f"--overwrite_output_dir: removed the previous run in {training_args.output_dir} ({len(found)} entries)")
+
+
 def eval_settings(eval_problems, script_args: ScriptArguments, training_args: PolarisConfig) -> dict | None:
     """What the before/after measurement depends on (a resumed run reuses the first run's `before` if it matches)."""
     if eval_problems is None:
@@ -486,6 +550,8 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
     if note and training_args.process_index == 0:
         print(f"note: {note}", file=sys.stderr)
     resume_checkpoint = find_resume_checkpoint(training_args)  # before anything loads: a wrong path fails at once
+    check_output_dir(script_args, training_args, resume_checkpoint)
+    base_model_name = model_args.model_name_or_path
     model_args.model_name_or_path = resolve_toy(model_args.model_name_or_path, script_args, "model")
     if not model_args.model_name_or_path:
         raise UserError("no model given: pass --model_name_or_path (a hub id, a local directory or `toy`)")
@@ -523,6 +589,7 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
+    trainer.base_model_name, trainer.base_model_path = base_model_name, model_args.model_name_or_path  # for the model card
     if hasattr(trainer, "run_record"):  # kept with every checkpoint, so a resumed run need not measure again
         trainer.run_record.update(accuracy_before=accuracy_before, eval=measurement)
     trainer.train(resume_from_checkpoint=str(resume_checkpoint) if resume_checkpoint else None)

@@ -103,3 +103,53 @@ def test_demo_end_to_end(toy_world, tmp_path):
     assert any("reward" in row for row in state["log_history"])
     assert (output_dir / "model.safetensors").exists() and (output_dir / "learning_curve.png").exists()
     assert any(p.name.startswith("checkpoint-") for p in output_dir.iterdir())
+
+
+def test_rerun_into_a_directory_holding_a_run_stops(toy_world, tmp_path):
+    output_dir = tmp_path / "o"
+    (output_dir / "checkpoint-20").mkdir(parents=True)
+    result = run_train("--model_name_or_path", str(toy_world / "model"), "--dataset_name", str(toy_world / "train.jsonl"), "--output_dir", str(output_dir))
+    assert_one_line_error(result, "already holds a run", "checkpoint-20", "--resume_from_checkpoint true", "--overwrite_output_dir true")
+    assert (output_dir / "checkpoint-20").is_dir()  # nothing was touched
+
+
+def test_demo_recipe_reruns_over_its_output_dir():
+    from train_grpo import parse_args
+
+    script_args, _, _ = parse_args([])
+    assert script_args.overwrite_output_dir  # the README's demo command works a second time
+
+
+def test_model_card_names_the_base_model():
+    """TRL's own card for a local model says "[None](https://huggingface.co/None)"; ours names it."""
+    from trl.trainer.utils import generate_model_card
+
+    from train_grpo import name_base_model_in_card
+
+    card = str(generate_model_card(base_model=None, model_name="demo", hub_model_id=None, dataset_name=None, tags=[],
+                                   wandb_url=None, trackio_url=None, trainer_name="GRPO"))
+    assert "[None](https://huggingface.co/None)" in card
+    toy_card = name_base_model_in_card(card, "toy", "outputs/toy/model")
+    assert "None" not in toy_card.split("fine-tuned version of", 1)[1].split("\n", 1)[0]
+    assert "fine-tuned version of the offline toy model built by toy.py (`outputs/toy/model`)" in toy_card
+    assert "fine-tuned version of the local model `./my-sft`" in name_base_model_in_card(card, "./my-sft")
+    hub_card = name_base_model_in_card(card, "Qwen/Qwen3-4B")
+    assert "fine-tuned version of [Qwen/Qwen3-4B](https://huggingface.co/Qwen/Qwen3-4B)" in hub_card
+    assert "\nbase_model: Qwen/Qwen3-4B\n" in hub_card.split("\n---", 1)[0]
+
+
+@pytest.mark.slow
+def test_overwrite_clears_the_previous_run_and_the_card_names_the_toy_model(toy_world, tmp_path):
+    output_dir = tmp_path / "o"
+    (output_dir / "checkpoint-99").mkdir(parents=True)
+    (output_dir / "trainer_state.json").write_text("{}")
+    result = run_train(
+        "--model_name_or_path", "toy", "--dataset_name", "toy", "--toy_dir", str(toy_world), "--output_dir", str(output_dir),
+        "--overwrite_output_dir", "true", "--max_steps", "1", "--per_device_train_batch_size", "16", "--max_completion_length", "8",
+        "--save_strategy", "steps", "--save_steps", "1", "--report_to", "none",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (output_dir / "checkpoint-99").exists() and (output_dir / "checkpoint-1").is_dir()
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 1
+    card = (output_dir / "README.md").read_text()
+    assert "[None]" not in card and "fine-tuned version of the offline toy model built by toy.py" in card
