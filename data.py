@@ -42,6 +42,33 @@ def run_cli(main, *args):
         sys.exit(2)
 
 
+def did_you_mean(name: str, known) -> str:
+    """": did you mean X?" for the closest of `known` to a mistyped `name`, or "" when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f": did you mean {close[0]}?" if close else ""
+
+
+def check_options(parser, args: list[str] | None = None, recipe: dict | None = None, recipe_path=None) -> list[str]:
+    """`args` (default: the command line) once every `--option` in it and every key of `recipe` is one that
+    `parser` knows; otherwise a `UserError` naming the closest known one. Build `parser` with
+    allow_abbrev=False so that argparse does not silently take a prefix for a longer option."""
+    args = list(sys.argv[1:] if args is None else args)
+    options = {option for option in parser._option_string_actions if option.startswith("--")} | {"--config", "--debug"}
+    for token in args:
+        if token == "--":
+            break
+        name = token.split("=", 1)[0]
+        if name.startswith("--") and name not in options:
+            raise UserError(f"unknown option {name}{did_you_mean(name, options) or ' (see --help)'}")
+    keys = {action.dest for action in parser._actions} | {"env"}  # `env`: TRL's recipe key for environment variables
+    for key in recipe or {}:
+        if key not in keys:
+            raise UserError(f"unknown key '{key}' in recipe {recipe_path}{did_you_mean(key, keys) or ' (see --help for the options)'}")
+    return args
+
+
 def build_messages(problem: str, prompt_suffix: str = DEFAULT_PROMPT_SUFFIX, system_prompt: str | None = None):
     """The chat messages for one problem: the user turn is the problem followed by the suffix."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from data import DEFAULT_PROMPT_SUFFIX, UserError, load_problems, run_cli
+from data import DEFAULT_PROMPT_SUFFIX, UserError, check_options, load_problems, run_cli
 
 
 OUTPUT_FORMATS = (".parquet", ".jsonl", ".json")
@@ -91,7 +91,8 @@ def parse_args(args: list[str] | None = None) -> FilterArguments:
     from transformers import HfArgumentParser
 
     try:
-        (parsed,) = HfArgumentParser(FilterArguments).parse_args_into_dataclasses(args)
+        parser = HfArgumentParser(FilterArguments, allow_abbrev=False)  # no prefix matching
+        (parsed,) = parser.parse_args_into_dataclasses(check_options(parser, args))
     except ValueError as error:  # e.g. an argument this script does not know
         raise UserError(f"invalid arguments: {str(error).splitlines()[0]}") from error
     return parsed

@@ -22,7 +22,7 @@ from trl import ScriptArguments as TrlScriptArguments
 
 from batch_repair import BatchRepairMixin
 from checkpoints import CheckpointMixin
-from data import DEFAULT_PROMPT_SUFFIX, UserError, filter_long_prompts, load_problems, run_cli
+from data import DEFAULT_PROMPT_SUFFIX, UserError, check_options, filter_long_prompts, load_problems, run_cli
 from step_batch import StepBatchMixin
 
 
@@ -637,7 +637,8 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
 
 
 def make_parser():
-    return TrlParser((ScriptArguments, PolarisConfig, ModelConfig))
+    # allow_abbrev=False: `--max_step 3` is an unknown option, not silently --max_steps
+    return TrlParser((ScriptArguments, PolarisConfig, ModelConfig), allow_abbrev=False)
 
 
 def parse_args(args: list[str] | None = None):
@@ -652,8 +653,11 @@ def parse_args(args: list[str] | None = None):
         config_path = Path(args[args.index("--config") + 1]) if args.index("--config") + 1 < len(args) else None
         if config_path is None or not config_path.is_file():
             raise UserError(f"no such recipe file: {config_path} (see recipes/ for examples)")
+    parser = make_parser()
     try:
-        return make_parser().parse_args_and_config(args)
+        recipe = yaml.safe_load(config_path.read_text()) if "--config" in args else None
+        check_options(parser, args, recipe if isinstance(recipe, dict) else None, config_path if "--config" in args else None)
+        return parser.parse_args_and_config(args)
     except yaml.YAMLError as error:
         raise UserError(f"the recipe file does not parse as YAML: {str(error).splitlines()[0]} ...") from error
     except (ValueError, TypeError) as error:

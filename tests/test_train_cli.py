@@ -153,3 +153,22 @@ def test_overwrite_clears_the_previous_run_and_the_card_names_the_toy_model(toy_
     assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 1
     card = (output_dir / "README.md").read_text()
     assert "[None]" not in card and "fine-tuned version of the offline toy model built by toy.py" in card
+
+
+def test_unknown_option_suggests_the_close_one(tmp_path):
+    assert_one_line_error(run_train("--max_stepz", "3"), "unknown option --max_stepz: did you mean --max_steps?")
+
+
+def test_unknown_recipe_key_and_no_prefix_matching(tmp_path):
+    from data import UserError
+    from train_grpo import parse_args
+
+    (tmp_path / "r.yaml").write_text("model_name_or_path: toy\nlearning_rat: 1.0e-5\n")
+    with pytest.raises(UserError, match=r"unknown key 'learning_rat' in recipe .*r\.yaml: did you mean learning_rate\?"):
+        parse_args(["--config", str(tmp_path / "r.yaml")])
+    with pytest.raises(UserError, match="unknown option --max_step: did you mean --max_steps?"):  # a prefix is not taken
+        parse_args(["--max_step", "3"])
+    with pytest.raises(UserError, match=r"unknown option --zzzz \(see --help\)"):
+        parse_args(["--zzzz=1"])
+    _, training_args, _ = parse_args(["--max_steps=3", "--no_rollout_rescue", "--output_dir", str(tmp_path / "o")])
+    assert training_args.max_steps == 3 and not training_args.rollout_rescue
