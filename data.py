@@ -42,6 +42,14 @@ def run_cli(main, *args):
         sys.exit(2)
 
 
+def write_line(message: str):
+    """Print a message above any progress bar instead of into it (tqdm.write), flushed at once."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stdout)
+    sys.stdout.flush()
+
+
 def did_you_mean(name: str, known) -> str:
     """": did you mean X?" for the closest of `known` to a mistyped `name`, or "" when none is close."""
     import difflib

@@ -12,10 +12,15 @@ loss, constant lr 1e-6) and TRL's `ModelConfig` (LoRA / quantization flags).
 """
 
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# bitsandbytes logs at import, as a warning that reads like an error, that the optional `kernels` package for
+# its CPU 4-bit kernel is missing; it falls back to its own kernel. Its errors still show.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser, get_peft_config, get_quantization_config
 from trl import ScriptArguments as TrlScriptArguments
@@ -138,8 +143,18 @@ class PolarisConfig(GRPOConfig):
         },
     )
 
+    # TRL defaults the name transformers 5 deprecated (`gradient_checkpointing`) to True, which warns on every
+    # run: the default moves to the new name, and only an explicit old name warns.
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated name of --activation_checkpointing."})
+    activation_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Recompute activations in the backward pass to save memory (TRL's default: on)."}
+    )
+
     def __post_init__(self):
         import torch
+
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
 
         # TRL defaults bf16 to True, which fails on machines without bfloat16: choose it here instead.
         has_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -233,13 +248,18 @@ def name_base_model_in_card(card: str, base_model: str, path: str | None = None)
 # ----------------------------------------------------------------------------------------------
 
 
+_toy_worlds: dict[str, Path] = {}  # toy_dir -> the world found or built there, so that a run checks it once
+
+
 def resolve_toy(name: str | None, script_args: ScriptArguments, part: str) -> str | None:
     """Map the name `toy` to the toy world's files, building the world on first use."""
     if name != TOY_NAME:
         return name
     import toy
 
-    toy_dir = toy.build_toy_world(toy.ToyArguments(output_dir=script_args.toy_dir))
+    toy_dir = _toy_worlds.get(script_args.toy_dir)
+    if toy_dir is None or not (toy_dir / "model").is_dir():
+        toy_dir = _toy_worlds[script_args.toy_dir] = toy.build_toy_world(toy.ToyArguments(output_dir=script_args.toy_dir))
     return str(toy_dir / {"model": "model", "train": "train.jsonl", "test": "test.jsonl"}[part])
 
 
@@ -444,6 +464,84 @@ def print_report(summary: dict, output_dir: Path, is_demo: bool):
     print("=" * 60)
 
 
+def format_step_line(logs: dict, step: int, max_steps: int, seconds_per_step: float | None) -> str | None:
+    """One console line for a training log: step, reward and informative fraction of the trained batch (TRL's
+    keys when the batch was not repaired), stage, mean completion length, time per step. None for other logs."""
+    reward = logs.get("trained/reward", logs.get("reward"))
+    zero_std = logs.get("trained/frac_reward_zero_std", logs.get("frac_reward_zero_std"))
+    if reward is None and "loss" not in logs:
+        return None
+    parts = [f"step {step}/{max_steps}"]
+    if reward is not None:
+        parts.append(f"reward {reward:.3f}")
+    if zero_std is not None:
+        parts.append(f"informative {1.0 - zero_std:.2f}")
+    if logs.get("schedule/stage") is not None:
+        parts.append(f"stage {logs['schedule/stage']}")
+    if logs.get("completions/mean_length") is not None:
+        parts.append(f"length {logs['completions/mean_length']:.1f}")
+    if seconds_per_step is not None:
+        parts.append(f"{seconds_per_step:.1f} s/step")
+    return "  ".join(parts)
+
+
+def step_line_callbacks():
+    """transformers' console loggers (`ProgressCallback`, `PrinterCallback` without tqdm) with the ~40-key dict
+    of every log replaced by `format_step_line`; trainer_state.json and `--report_to` still get every key."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class StepTimer:
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            self.last = (time.time(), state.global_step)
+
+        def line(self, logs, state):
+            if "train_runtime" in logs:
+                return f"trained {state.global_step} steps in {logs['train_runtime']:.0f} s"
+            now, (then, then_step) = time.time(), getattr(self, "last", (None, None))
+            seconds = (now - then) / (state.global_step - then_step) if then and state.global_step > then_step else None
+            self.last = (now, state.global_step)
+            return format_step_line(logs, state.global_step, state.max_steps, seconds)
+
+    class StepLineProgress(StepTimer, ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            line = self.line(logs or {}, state)
+            if line is None:
+                return super().on_log(args, state, control, logs=logs, **kwargs)
+            if state.is_world_process_zero and self.training_bar is not None:
+                self.training_bar.write(line)
+
+    class StepLinePrinter(StepTimer, PrinterCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            line = self.line(logs or {}, state)
+            if line is None:
+                return super().on_log(args, state, control, logs=logs, **kwargs)
+            if state.is_local_process_zero:
+                print(line, flush=True)
+
+    return {ProgressCallback: StepLineProgress, PrinterCallback: StepLinePrinter}
+
+
+def print_step_lines(trainer):
+    """Put the one-line console loggers in place of transformers' own."""
+    for original, replacement in step_line_callbacks().items():
+        if trainer.pop_callback(original) is not None:
+            trainer.add_callback(replacement)
+
+
+def quiet_library_warnings():
+    """TRL 1.16 itself calls the `gradient_checkpointing_*` model methods transformers 5 deprecated, around
+    every generation (trl/models/utils.py): not our calls, and printed at every checkpoint. Only those."""
+    import warnings
+
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`(is_gradient_checkpointing|gradient_checkpointing_enable|gradient_checkpointing_disable)` is deprecated",
+        category=FutureWarning,
+        module=r"transformers\.modeling_utils",
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Resuming and interrupts (checkpoints.py)
 # ----------------------------------------------------------------------------------------------
@@ -539,6 +637,7 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
     from rewards import get_reward_funcs
 
     start = time.time()
+    quiet_library_warnings()
     set_seed(training_args.seed)
     is_demo = model_args.model_name_or_path == TOY_NAME
     check_model_options(training_args, model_args)
@@ -589,6 +688,7 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
+    print_step_lines(trainer)
     trainer.base_model_name, trainer.base_model_path = base_model_name, model_args.model_name_or_path  # for the model card
     if hasattr(trainer, "run_record"):  # kept with every checkpoint, so a resumed run need not measure again
         trainer.run_record.update(accuracy_before=accuracy_before, eval=measurement)

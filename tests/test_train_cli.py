@@ -10,8 +10,10 @@ import pytest
 from conftest import ROOT
 
 
-def run_train(*args, cwd=ROOT, timeout=600):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def run_train(*args, cwd=ROOT, timeout=600, show_warnings=False):
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONWARNINGS"}
+    if not show_warnings:
+        env["PYTHONWARNINGS"] = "ignore"
     return subprocess.run(
         [sys.executable, str(ROOT / "train_grpo.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
     )
@@ -140,15 +142,24 @@ def test_model_card_names_the_base_model():
 
 @pytest.mark.slow
 def test_overwrite_clears_the_previous_run_and_the_card_names_the_toy_model(toy_world, tmp_path):
+    """Also: the console is quiet (no warnings of our making, the toy world reported once, one line per log)."""
     output_dir = tmp_path / "o"
     (output_dir / "checkpoint-99").mkdir(parents=True)
     (output_dir / "trainer_state.json").write_text("{}")
     result = run_train(
         "--model_name_or_path", "toy", "--dataset_name", "toy", "--toy_dir", str(toy_world), "--output_dir", str(output_dir),
         "--overwrite_output_dir", "true", "--max_steps", "1", "--per_device_train_batch_size", "16", "--max_completion_length", "8",
-        "--save_strategy", "steps", "--save_steps", "1", "--report_to", "none",
+        "--save_strategy", "steps", "--save_steps", "1", "--report_to", "none", "--logging_steps", "1",
+        "--eval_dataset_name", "toy", "--eval_max_problems", "2", "--eval_num_samples", "1", show_warnings=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Warning" not in result.stderr and "Failed to load" not in result.stderr, result.stderr[-3000:]
+    assert result.stdout.count("Toy world found") == 1
+    step_lines = [line for line in result.stdout.splitlines() if line.startswith("step 1/1  reward ")]
+    assert len(step_lines) == 1 and " informative " in step_lines[0] and " length " in step_lines[0] and "s/step" in step_lines[0]
+    assert "{'loss'" not in result.stdout + result.stderr and "'completions/mean_length'" not in result.stdout + result.stderr
+    logged = [row for row in json.loads((output_dir / "trainer_state.json").read_text())["log_history"] if "loss" in row]
+    assert len(logged) == 1 and len(logged[0]) > 20 and "completions/mean_length" in logged[0]  # the full dict is kept
     assert not (output_dir / "checkpoint-99").exists() and (output_dir / "checkpoint-1").is_dir()
     assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 1
     card = (output_dir / "README.md").read_text()
@@ -172,3 +183,40 @@ def test_unknown_recipe_key_and_no_prefix_matching(tmp_path):
         parse_args(["--zzzz=1"])
     _, training_args, _ = parse_args(["--max_steps=3", "--no_rollout_rescue", "--output_dir", str(tmp_path / "o")])
     assert training_args.max_steps == 3 and not training_args.rollout_rescue
+
+
+def test_no_deprecation_warnings_from_our_defaults_and_recipes():
+    import warnings
+
+    from train_grpo import parse_args
+
+    for recipe in [[]] + [["--config", str(path)] for path in sorted((ROOT / "recipes").glob("*.yaml"))]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, training_args, _ = parse_args(recipe)
+        assert not [w for w in caught if issubclass(w.category, FutureWarning)], (recipe, [str(w.message) for w in caught])
+        assert training_args.activation_checkpointing and training_args.gradient_checkpointing  # still on by default
+    with warnings.catch_warnings(record=True):
+        _, training_args, _ = parse_args(["--gradient_checkpointing", "false", "--output_dir", "x"])  # the old name still works
+    assert training_args.activation_checkpointing is False
+
+
+def test_bitsandbytes_import_note_is_silenced_but_not_its_errors():
+    import logging
+
+    import train_grpo  # noqa: F401  sets the level before trl imports bitsandbytes
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    assert not logger.isEnabledFor(logging.WARNING) and logger.isEnabledFor(logging.ERROR)
+    result = subprocess.run([sys.executable, "-c", "import train_grpo"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_step_line():
+    from train_grpo import format_step_line
+
+    logs = {"loss": 0.1, "reward": 0.2, "frac_reward_zero_std": 0.5, "trained/reward": 0.25, "trained/frac_reward_zero_std": 0.25,
+            "schedule/stage": 2, "completions/mean_length": 20.73}
+    assert format_step_line(logs, 5, 40, 4.94) == "step 5/40  reward 0.250  informative 0.75  stage 2  length 20.7  4.9 s/step"
+    assert format_step_line({"loss": 0.1, "reward": 0.5}, 1, 2, None) == "step 1/2  reward 0.500"
+    assert format_step_line({"eval_loss": 1.0}, 1, 2, None) is None  # left to transformers' own printing
