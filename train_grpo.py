@@ -15,8 +15,13 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from options import PolarisOptions, ScriptOptions, print_short_help_and_exit
+
+if __name__ == "__main__":
+    print_short_help_and_exit()  # `--help` answers before the seconds of importing torch and TRL below
 
 # bitsandbytes logs at import, as a warning that reads like an error, that the optional `kernels` package for
 # its CPU 4-bit kernel is missing; it falls back to its own kernel. Its errors still show.
@@ -27,7 +32,7 @@ from trl import ScriptArguments as TrlScriptArguments
 
 from batch_repair import BatchRepairMixin
 from checkpoints import CheckpointMixin
-from data import DEFAULT_PROMPT_SUFFIX, UserError, check_options, filter_long_prompts, load_problems, run_cli
+from data import UserError, check_options, filter_long_prompts, load_problems, run_cli
 from step_batch import StepBatchMixin
 
 
@@ -36,119 +41,14 @@ TOY_NAME = "toy"  # model or dataset name that means "the offline toy world buil
 
 
 @dataclass
-class ScriptArguments(TrlScriptArguments):
-    """Data, rewards and the before/after measurement. `dataset_name` is a hub id, a local
+class ScriptArguments(ScriptOptions, TrlScriptArguments):
+    """Data, rewards and the before/after measurement (options.py). `dataset_name` is a hub id, a local
     .parquet/.jsonl/.json/.csv file, or `toy`."""
-
-    eval_dataset_name: str | None = field(
-        default=None, metadata={"help": "Held-out problems measured before and after training (hub id, file or `toy`)."}
-    )
-    problem_column: str = field(default="problem", metadata={"help": "Column holding the question."})
-    answer_column: str = field(default="answer", metadata={"help": "Column holding the gold answer."})
-    prompt_suffix: str = field(default=DEFAULT_PROMPT_SUFFIX, metadata={"help": "Appended to every problem."})
-    system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
-    max_prompt_length: int | None = field(
-        default=1024, metadata={"help": "Prompts longer than this many tokens are dropped (TRL no longer truncates)."}
-    )
-    reward_funcs: list[str] = field(
-        default_factory=lambda: ["accuracy"],
-        metadata={"help": "Reward functions: names from rewards.REWARD_FUNCS or dotted import paths."},
-    )
-    eval_num_samples: int = field(default=4, metadata={"help": "Samples per held-out problem (avg@k)."})
-    eval_max_problems: int | None = field(default=200, metadata={"help": "Measure on at most this many problems."})
-    toy_dir: str = field(default="outputs/toy", metadata={"help": "Where the toy world is built and cached."})
-    plan: bool = field(
-        default=False,
-        metadata={"help": "Print the estimated peak GPU memory by part and whether it fits, then exit without loading weights (memory_planner.py)."},
-    )
-    gpu_memory: float | None = field(default=None, metadata={"help": "GPU memory in GiB for --plan (default: this machine's GPU)."})
-    accelerate_config: str | None = field(
-        default=None,
-        metadata={
-            "help": "The accelerate config the run is launched with (accelerate launch --config_file): --plan counts "
-            "its GPU count, ZeRO / FSDP sharding and CPU offload. Training itself takes them from the launcher."
-        },
-    )
-    num_gpus: int | None = field(default=None, metadata={"help": "GPUs for --plan (default: the accelerate config's num_processes)."})
-    save_merged: bool = field(
-        default=False,
-        metadata={"help": "With --use_peft: also save the base model with the adapter merged in, to OUTPUT_DIR/merged."},
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "Start afresh in an --output_dir that holds a run, deleting its checkpoints and trainer_state.json "
-            "(without it such a directory stops the run; --resume_from_checkpoint true continues it instead)."
-        },
-    )
 
 
 @dataclass
-class PolarisConfig(GRPOConfig):
-    """`GRPOConfig` with the POLARIS defaults. Options that TRL lacks are added here."""
-
-    epsilon_high: float | None = field(default=0.28, metadata={"help": "Upper clip (clip-higher, DAPO / POLARIS)."})
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "POLARIS keeps the learning rate constant."})
-    weight_decay: float = field(default=0.01, metadata={"help": "Weight decay (POLARIS: 0.01)."})
-    stages: list[dict] | str | None = field(
-        default=None,
-        metadata={
-            "help": "Stage schedule: sampling temperature and max completion length from a given step on, "
-            'e.g. "0:1.4:39936,300:1.45:48128" (STEP:TEMPERATURE:MAX_COMPLETION_LENGTH). In a recipe a stage may '
-            "also start when a condition holds (`when`) and drop mastered prompts (`refresh_data`); see schedules.py."
-        },
-    )
-    temperature_search_problems: int = field(
-        default=16, metadata={"help": "A stage with search_temperatures samples this many training prompts at each candidate."}
-    )
-    temperature_search_samples: int = field(default=4, metadata={"help": "Samples per probe prompt and temperature."})
-    temperature_search_ngram_unit: str = field(
-        default="word", metadata={"help": "Diversity of the temperature search counts 4-grams of words or of characters (`char`)."}
-    )
-    refresh_max_mean_reward: float = field(
-        default=0.9, metadata={"help": "A stage with refresh_data drops the prompts whose mean reward so far is above this (POLARIS: 0.9)."}
-    )
-    # Zero-advantage groups (all rollouts right or all wrong) are repaired; see batch_repair.py.
-    rollout_rescue: bool = field(
-        default=True, metadata={"help": "Replace one rollout of an all-failed group by the prompt's last correct completion."}
-    )
-    informative_substitution: bool = field(
-        default=True, metadata={"help": "Replace zero-variance groups by copies of informative groups of the same batch."}
-    )
-    min_informative_fraction: float = field(
-        default=1 / 3, metadata={"help": "Substitute only when more than this fraction of groups is informative."}
-    )
-    dynamic_sampling: bool = field(
-        default=False, metadata={"help": "Below that fraction, generate again with fresh prompts first (DAPO)."}
-    )
-    dynamic_sampling_max_batches: int = field(
-        default=3, metadata={"help": "At most this many extra generation batches per step with --dynamic_sampling."}
-    )
-    # One generation batch per optimizer step, so repair and the token-mean loss see the whole step; see step_batch.py.
-    generation_chunk_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Sequences each process samples in one transformers generate call (memory). An optimizer step's "
-            "rollouts are sampled in chunks of this size, then repaired and trained on together. Default: all at once. "
-            "A --steps_per_generation below --gradient_accumulation_steps sets it to per_device_train_batch_size x "
-            "steps_per_generation. vLLM ignores it (it schedules its own memory)."
-        },
-    )
-    vllm_importance_sampling_correction: bool = field(
-        default=False,
-        metadata={
-            "help": "Reweight vLLM-sampled tokens by the trainer/vLLM probability ratio (TRL's default: on, per "
-            "sequence). Off as in POLARIS: a per-sequence ratio is a product over every token, so long completions "
-            "get tiny weights from small numeric gaps. Turned on, rescued rollouts get their group's mean ratio."
-        },
-    )
-
-    # TRL defaults the name transformers 5 deprecated (`gradient_checkpointing`) to True, which warns on every
-    # run: the default moves to the new name, and only an explicit old name warns.
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated name of --activation_checkpointing."})
-    activation_checkpointing: bool | None = field(
-        default=None, metadata={"help": "Recompute activations in the backward pass to save memory (TRL's default: on)."}
-    )
+class PolarisConfig(PolarisOptions, GRPOConfig):
+    """`GRPOConfig` with the POLARIS defaults and the options TRL lacks (options.py)."""
 
     def __post_init__(self):
         import torch
@@ -746,6 +646,8 @@ def parse_args(args: list[str] | None = None):
     import yaml
 
     args = list(sys.argv[1:] if args is None else args)
+    print_short_help_and_exit(args)
+    args = ["--help" if arg == "--help-all" else arg for arg in args]  # TRL's full list
     if not args:
         print(f"No arguments: running the demo recipe {DEMO_RECIPE.relative_to(Path.cwd()) if DEMO_RECIPE.is_relative_to(Path.cwd()) else DEMO_RECIPE}")
         args = ["--config", str(DEMO_RECIPE)]

@@ -220,3 +220,32 @@ def test_step_line():
     assert format_step_line(logs, 5, 40, 4.94) == "step 5/40  reward 0.250  informative 0.75  stage 2  length 20.7  4.9 s/step"
     assert format_step_line({"loss": 0.1, "reward": 0.5}, 1, 2, None) == "step 1/2  reward 0.500"
     assert format_step_line({"eval_loss": 1.0}, 1, 2, None) is None  # left to transformers' own printing
+
+
+def test_short_help_is_readable_and_does_not_import_torch():
+    """`--help` shows the script's and POLARIS's options first, grouped, without the seconds of importing torch/TRL."""
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['train_grpo.py', '--help']\n"
+        "try:\n    runpy.run_path('train_grpo.py', run_name='__main__')\n"
+        "except SystemExit as exit:\n    assert exit.code == 0, exit.code\n"
+        "print('IMPORTED', 'torch' in sys.modules or 'trl' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert text.rstrip().endswith("IMPORTED False")
+    assert len(text.splitlines()) < 200
+    sections = ["this script:", "data, rewards and the before/after measurement:", "POLARIS:", "training (TRL / transformers):"]
+    positions = [text.index(section) for section in sections]
+    assert positions == sorted(positions)
+    for option in ["--stages", "--rollout_rescue", "--eval_dataset_name", "--overwrite_output_dir", "--max_steps", "--use_peft"]:
+        assert option in text
+    assert "--help-all" in text
+
+
+def test_help_all_is_trls_full_list():
+    result = run_train("--help-all")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(result.stdout.splitlines()) > 1000
+    assert "--stages" in result.stdout and "--gradient_accumulation_steps" in result.stdout and "--lora_r" in result.stdout
