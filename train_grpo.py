@@ -54,7 +54,7 @@ class PolarisConfig(PolarisOptions, GRPOConfig):
         import torch
 
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
-            self.activation_checkpointing = True
+            self.activation_checkpointing = True  # TRL's default, under transformers 5's name (options.py)
 
         # TRL defaults bf16 to True, which fails on machines without bfloat16: choose it here instead.
         has_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
