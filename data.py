@@ -12,9 +12,15 @@ ledger) and `prompt` (chat messages built by `build_messages`, the one place pro
 """
 
 import hashlib
+import logging
 import os
 import sys
 from pathlib import Path
+
+# Every script imports this module before torch: bitsandbytes logs at import, as a warning that reads like an
+# error, that the optional `kernels` package for its CPU 4-bit kernel is missing (it falls back to its own).
+# Its errors still show.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 DEFAULT_PROMPT_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."

@@ -12,20 +12,15 @@ loss, constant lr 1e-6) and TRL's `ModelConfig` (LoRA / quantization flags).
 """
 
 import json
-import logging
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from options import PolarisOptions, ScriptOptions, print_short_help_and_exit
+from options import PolarisOptions, ScriptOptions, print_short_help_and_exit  # imports data.py: quiet bitsandbytes
 
 if __name__ == "__main__":
     print_short_help_and_exit()  # `--help` answers before the seconds of importing torch and TRL below
-
-# bitsandbytes logs at import, as a warning that reads like an error, that the optional `kernels` package for
-# its CPU 4-bit kernel is missing; it falls back to its own kernel. Its errors still show.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser, get_peft_config, get_quantization_config
 from trl import ScriptArguments as TrlScriptArguments
