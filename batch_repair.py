@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from data import UserError, prompt_id as problem_prompt_id
+from data import UserError, prompt_id as problem_prompt_id, write_line
 
 
 CORRECT_REWARD = 1.0  # accuracy rewards are 1.0 for a right answer, 0.0 otherwise
@@ -709,10 +709,10 @@ class BatchRepairMixin:
         }
         self.refreshes.append(counts)
         if self.accelerator.is_main_process:
-            print(
+            write_line(
                 f"Refresh at step {counts['step']}: dropped {counts['dropped']} prompts with mean reward above {threshold:g} "
                 f"({dropped} of {len(set(ids))} in all, {counts['never_seen']} never seen); sampling from the "
-                f"{counts['remaining']} training rows left", flush=True,
+                f"{counts['remaining']} training rows left",
             )
         return counts
 

@@ -12,9 +12,15 @@ ledger) and `prompt` (chat messages built by `build_messages`, the one place pro
 """
 
 import hashlib
+import logging
 import os
 import sys
 from pathlib import Path
+
+# Every script imports this module before torch: bitsandbytes logs at import, as a warning that reads like an
+# error, that the optional `kernels` package for its CPU 4-bit kernel is missing (it falls back to its own).
+# Its errors still show.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 DEFAULT_PROMPT_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
@@ -40,6 +46,41 @@ def run_cli(main, *args):
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def write_line(message: str):
+    """Print a message above any progress bar instead of into it (tqdm.write), flushed at once."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def did_you_mean(name: str, known) -> str:
+    """": did you mean X?" for the closest of `known` to a mistyped `name`, or "" when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f": did you mean {close[0]}?" if close else ""
+
+
+def check_options(parser, args: list[str] | None = None, recipe: dict | None = None, recipe_path=None) -> list[str]:
+    """`args` (default: the command line) once every `--option` in it and every key of `recipe` is one that
+    `parser` knows; otherwise a `UserError` naming the closest known one. Build `parser` with
+    allow_abbrev=False so that argparse does not silently take a prefix for a longer option."""
+    args = list(sys.argv[1:] if args is None else args)
+    options = {option for option in parser._option_string_actions if option.startswith("--")} | {"--config", "--debug"}
+    for token in args:
+        if token == "--":
+            break
+        name = token.split("=", 1)[0]
+        if name.startswith("--") and name not in options:
+            raise UserError(f"unknown option {name}{did_you_mean(name, options) or ' (see --help)'}")
+    keys = {action.dest for action in parser._actions} | {"env"}  # `env`: TRL's recipe key for environment variables
+    for key in recipe or {}:
+        if key not in keys:
+            raise UserError(f"unknown key '{key}' in recipe {recipe_path}{did_you_mean(key, keys) or ' (see --help for the options)'}")
+    return args
 
 
 def build_messages(problem: str, prompt_suffix: str = DEFAULT_PROMPT_SUFFIX, system_prompt: str | None = None):

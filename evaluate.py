@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Literal
 
 import generation
-from data import DEFAULT_PROMPT_SUFFIX, UserError, load_problems, prompt_token_ids, run_cli
+from data import DEFAULT_PROMPT_SUFFIX, UserError, check_options, load_problems, prompt_token_ids, run_cli
 
 
 @dataclass(frozen=True)
@@ -655,7 +655,8 @@ def main(args: EvalArguments) -> dict:
 def parse_args(argv: list[str] | None = None) -> EvalArguments:
     from transformers import HfArgumentParser
 
-    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser(EvalArguments, allow_abbrev=False)  # no prefix matching: --num_sample is unknown
+    (args,) = parser.parse_args_into_dataclasses(args=check_options(parser, argv))
     return args
 
 

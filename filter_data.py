@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Literal
 
 import generation
-from data import DEFAULT_PROMPT_SUFFIX, UserError, load_problems, prompt_token_ids, run_cli
+from data import DEFAULT_PROMPT_SUFFIX, UserError, check_options, load_problems, prompt_token_ids, run_cli
 
 
 OUTPUT_FORMATS = (".parquet", ".jsonl", ".json")
@@ -99,7 +99,8 @@ def parse_args(args: list[str] | None = None) -> FilterArguments:
     from transformers import HfArgumentParser
 
     try:
-        (parsed,) = HfArgumentParser(FilterArguments).parse_args_into_dataclasses(args)
+        parser = HfArgumentParser(FilterArguments, allow_abbrev=False)  # no prefix matching
+        (parsed,) = parser.parse_args_into_dataclasses(check_options(parser, args))
     except ValueError as error:  # e.g. an argument this script does not know
         raise UserError(f"invalid arguments: {str(error).splitlines()[0]}") from error
     return parsed

@@ -50,13 +50,18 @@ class Sample:
 # ----------------------------------------------------------------------------------------------
 
 
+_toy_worlds: dict[str, Path] = {}  # toy_dir -> the world found or built there, so a run checks it once
+
+
 def resolve_toy(name: str | None, toy_dir: str, part: str) -> str | None:
     """The name `toy` means the toy world's model, training or test set (`part`), built on first use."""
     if name != TOY_NAME:
         return name
     import toy
 
-    world = toy.build_toy_world(toy.ToyArguments(output_dir=toy_dir))
+    world = _toy_worlds.get(str(toy_dir))
+    if world is None or not (world / "model").is_dir():
+        world = _toy_worlds[str(toy_dir)] = toy.build_toy_world(toy.ToyArguments(output_dir=toy_dir))
     return str(world / TOY_FILES[part])
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from data import UserError
+from data import UserError, write_line
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,10 +456,9 @@ class StageScheduleCallback(TrainerCallback):
         self.index, self.in_force = index, stage
         if self.trainer.accelerator.is_main_process:
             why = f" ({record['reason']})" if not resumed and index > 0 else ""
-            print(
+            write_line(
                 f"Stage {index + 1}/{len(self.stages)} from step {step}{why}: temperature {stage.temperature:g}, "
-                f"max completion length {stage.max_completion_length}{' (resumed)' if resumed else ''}",
-                flush=True,
+                f"max completion length {stage.max_completion_length}{' (resumed)' if resumed else ''}"
             )
 
     # -- the temperature search at a stage start --
@@ -479,7 +478,7 @@ class StageScheduleCallback(TrainerCallback):
             rule = describe_rule(target, current)
             directory = Path(trainer.args.output_dir) / f"stage{index + 1}_temperature_search"
             write_sweep_report(rows, chosen, directory, rule=rule)
-            print(f"Temperature search for stage {index + 1}:\n{format_sweep_table(rows, chosen)}\n(report in {directory})", flush=True)
+            write_line(f"Temperature search for stage {index + 1}:\n{format_sweep_table(rows, chosen)}\n(report in {directory})")
         return {"temperature": chosen, "search": rows, "target_diversity": target}
 
     def _probe(self, temperatures: list[float], max_new_tokens: int) -> list[dict]:

@@ -16,15 +16,20 @@ or a llama.cpp GGUF file (`--model_name_or_path model.gguf`, dequantized to a fl
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from options import PolarisOptions, ScriptOptions, print_short_help_and_exit  # imports data.py: quiet bitsandbytes
+
+if __name__ == "__main__":
+    print_short_help_and_exit()  # `--help` answers before the seconds of importing torch and TRL below
 
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser, get_peft_config, get_quantization_config
 from trl import ScriptArguments as TrlScriptArguments
 
 from batch_repair import BatchRepairMixin
 from checkpoints import CheckpointMixin
-from data import DEFAULT_PROMPT_SUFFIX, UserError, filter_long_prompts, load_problems, run_cli
+from data import UserError, check_options, filter_long_prompts, load_problems, run_cli
 from generation import TOY_NAME
 from step_batch import StepBatchMixin
 
@@ -33,108 +38,20 @@ DEMO_RECIPE = Path(__file__).resolve().parent / "recipes" / "demo.yaml"
 
 
 @dataclass
-class ScriptArguments(TrlScriptArguments):
-    """Data, rewards and the before/after measurement. `dataset_name` is a hub id, a local
+class ScriptArguments(ScriptOptions, TrlScriptArguments):
+    """Data, rewards and the before/after measurement (options.py). `dataset_name` is a hub id, a local
     .parquet/.jsonl/.json/.csv file, or `toy`."""
-
-    eval_dataset_name: str | None = field(
-        default=None, metadata={"help": "Held-out problems measured before and after training (hub id, file or `toy`)."}
-    )
-    problem_column: str = field(default="problem", metadata={"help": "Column holding the question."})
-    answer_column: str = field(default="answer", metadata={"help": "Column holding the gold answer."})
-    prompt_suffix: str = field(default=DEFAULT_PROMPT_SUFFIX, metadata={"help": "Appended to every problem."})
-    system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
-    max_prompt_length: int | None = field(
-        default=1024, metadata={"help": "Prompts longer than this many tokens are dropped (TRL no longer truncates)."}
-    )
-    reward_funcs: list[str] = field(
-        default_factory=lambda: ["accuracy"],
-        metadata={"help": "Reward functions: names from rewards.REWARD_FUNCS or dotted import paths."},
-    )
-    eval_num_samples: int = field(default=4, metadata={"help": "Samples per held-out problem (avg@k)."})
-    eval_max_problems: int | None = field(default=200, metadata={"help": "Measure on at most this many problems."})
-    toy_dir: str = field(default="outputs/toy", metadata={"help": "Where the toy world is built and cached."})
-    plan: bool = field(
-        default=False,
-        metadata={"help": "Print the estimated peak GPU memory by part and whether it fits, then exit without loading weights (memory_planner.py)."},
-    )
-    gpu_memory: float | None = field(default=None, metadata={"help": "GPU memory in GiB for --plan (default: this machine's GPU)."})
-    accelerate_config: str | None = field(
-        default=None,
-        metadata={
-            "help": "The accelerate config the run is launched with (accelerate launch --config_file): --plan counts "
-            "its GPU count, ZeRO / FSDP sharding and CPU offload. Training itself takes them from the launcher."
-        },
-    )
-    num_gpus: int | None = field(default=None, metadata={"help": "GPUs for --plan (default: the accelerate config's num_processes)."})
-    save_merged: bool = field(
-        default=False,
-        metadata={"help": "With --use_peft: also save the base model with the adapter merged in, to OUTPUT_DIR/merged."},
-    )
 
 
 @dataclass
-class PolarisConfig(GRPOConfig):
-    """`GRPOConfig` with the POLARIS defaults. Options that TRL lacks are added here."""
-
-    epsilon_high: float | None = field(default=0.28, metadata={"help": "Upper clip (clip-higher, DAPO / POLARIS)."})
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "POLARIS keeps the learning rate constant."})
-    weight_decay: float = field(default=0.01, metadata={"help": "Weight decay (POLARIS: 0.01)."})
-    stages: list[dict] | str | None = field(
-        default=None,
-        metadata={
-            "help": "Stage schedule: sampling temperature and max completion length from a given step on, "
-            'e.g. "0:1.4:39936,300:1.45:48128" (STEP:TEMPERATURE:MAX_COMPLETION_LENGTH). In a recipe a stage may '
-            "also start when a condition holds (`when`) and drop mastered prompts (`refresh_data`); see schedules.py."
-        },
-    )
-    temperature_search_problems: int = field(
-        default=16, metadata={"help": "A stage with search_temperatures samples this many training prompts at each candidate."}
-    )
-    temperature_search_samples: int = field(default=4, metadata={"help": "Samples per probe prompt and temperature."})
-    temperature_search_ngram_unit: str = field(
-        default="word", metadata={"help": "Diversity of the temperature search counts 4-grams of words or of characters (`char`)."}
-    )
-    refresh_max_mean_reward: float = field(
-        default=0.9, metadata={"help": "A stage with refresh_data drops the prompts whose mean reward so far is above this (POLARIS: 0.9)."}
-    )
-    # Zero-advantage groups (all rollouts right or all wrong) are repaired; see batch_repair.py.
-    rollout_rescue: bool = field(
-        default=True, metadata={"help": "Replace one rollout of an all-failed group by the prompt's last correct completion."}
-    )
-    informative_substitution: bool = field(
-        default=True, metadata={"help": "Replace zero-variance groups by copies of informative groups of the same batch."}
-    )
-    min_informative_fraction: float = field(
-        default=1 / 3, metadata={"help": "Substitute only when more than this fraction of groups is informative."}
-    )
-    dynamic_sampling: bool = field(
-        default=False, metadata={"help": "Below that fraction, generate again with fresh prompts first (DAPO)."}
-    )
-    dynamic_sampling_max_batches: int = field(
-        default=3, metadata={"help": "At most this many extra generation batches per step with --dynamic_sampling."}
-    )
-    # One generation batch per optimizer step, so repair and the token-mean loss see the whole step; see step_batch.py.
-    generation_chunk_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Sequences each process samples in one transformers generate call (memory). An optimizer step's "
-            "rollouts are sampled in chunks of this size, then repaired and trained on together. Default: all at once. "
-            "A --steps_per_generation below --gradient_accumulation_steps sets it to per_device_train_batch_size x "
-            "steps_per_generation. vLLM ignores it (it schedules its own memory)."
-        },
-    )
-    vllm_importance_sampling_correction: bool = field(
-        default=False,
-        metadata={
-            "help": "Reweight vLLM-sampled tokens by the trainer/vLLM probability ratio (TRL's default: on, per "
-            "sequence). Off as in POLARIS: a per-sequence ratio is a product over every token, so long completions "
-            "get tiny weights from small numeric gaps. Turned on, rescued rollouts get their group's mean ratio."
-        },
-    )
+class PolarisConfig(PolarisOptions, GRPOConfig):
+    """`GRPOConfig` with the POLARIS defaults and the options TRL lacks (options.py)."""
 
     def __post_init__(self):
         import torch
+
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # TRL's default, under transformers 5's name (options.py)
 
         # TRL defaults bf16 to True, which fails on machines without bfloat16: choose it here instead.
         has_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -202,11 +119,34 @@ class PolarisGRPOTrainer(CheckpointMixin, BatchRepairMixin, StepBatchMixin, GRPO
         if self.stage_schedule is not None and state.get("stage_schedule"):
             self.stage_schedule.load_state_dict(state["stage_schedule"])
 
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's card names only hub models as the base ("fine-tuned version of [None](...)" for a local
+        directory): name `base_model_name` (set by `main`) instead."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        base = getattr(self, "base_model_name", None)
+        card = Path(self.args.output_dir) / "README.md"
+        if base and self.is_world_process_zero() and card.is_file():
+            card.write_text(name_base_model_in_card(card.read_text(), base, getattr(self, "base_model_path", None)))
+
     def stage_starts(self) -> list[dict]:
         """Each stage entered: {stage (1-based), step, reason}."""
         if self.stage_schedule is None:
             return []
         return [{**record, "stage": record["stage"] + 1} for record in self.stage_schedule.started]
+
+
+def name_base_model_in_card(card: str, base_model: str, path: str | None = None) -> str:
+    """The model card with its base model named: a hub id as a link (in the text and the `base_model`
+    metadata), the toy world or a local directory in words."""
+    if base_model == TOY_NAME:
+        words = f"the offline toy model built by toy.py (`{path}`)" if path else "the offline toy model built by toy.py"
+    elif Path(base_model).is_dir() or base_model.startswith((".", "/", "~")):
+        words = f"the local model `{base_model}`"
+    else:
+        words = f"[{base_model}](https://huggingface.co/{base_model})"
+        if card.startswith("---\n") and "\nbase_model:" not in card.split("\n---", 1)[0]:
+            card = f"---\nbase_model: {base_model}\n" + card[len("---\n"):]
+    return card.replace("[None](https://huggingface.co/None)", words)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,6 +347,84 @@ def print_report(summary: dict, output_dir: Path, is_demo: bool):
     print("=" * 60)
 
 
+def format_step_line(logs: dict, step: int, max_steps: int, seconds_per_step: float | None) -> str | None:
+    """One console line for a training log: step, reward and informative fraction of the trained batch (TRL's
+    keys when the batch was not repaired), stage, mean completion length, time per step. None for other logs."""
+    reward = logs.get("trained/reward", logs.get("reward"))
+    zero_std = logs.get("trained/frac_reward_zero_std", logs.get("frac_reward_zero_std"))
+    if reward is None and "loss" not in logs:
+        return None
+    parts = [f"step {step}/{max_steps}"]
+    if reward is not None:
+        parts.append(f"reward {reward:.3f}")
+    if zero_std is not None:
+        parts.append(f"informative {1.0 - zero_std:.2f}")
+    if logs.get("schedule/stage") is not None:
+        parts.append(f"stage {logs['schedule/stage']}")
+    if logs.get("completions/mean_length") is not None:
+        parts.append(f"length {logs['completions/mean_length']:.1f}")
+    if seconds_per_step is not None:
+        parts.append(f"{seconds_per_step:.1f} s/step")
+    return "  ".join(parts)
+
+
+def step_line_callbacks():
+    """transformers' console loggers (`ProgressCallback`, `PrinterCallback` without tqdm) with the ~40-key dict
+    of every log replaced by `format_step_line`; trainer_state.json and `--report_to` still get every key."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class StepTimer:
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            self.last = (time.time(), state.global_step)
+
+        def line(self, logs, state):
+            if "train_runtime" in logs:
+                return f"trained {state.global_step} steps in {logs['train_runtime']:.0f} s"
+            now, (then, then_step) = time.time(), getattr(self, "last", (None, None))
+            seconds = (now - then) / (state.global_step - then_step) if then and state.global_step > then_step else None
+            self.last = (now, state.global_step)
+            return format_step_line(logs, state.global_step, state.max_steps, seconds)
+
+    class StepLineProgress(StepTimer, ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            line = self.line(logs or {}, state)
+            if line is None:
+                return super().on_log(args, state, control, logs=logs, **kwargs)
+            if state.is_world_process_zero and self.training_bar is not None:
+                self.training_bar.write(line)
+
+    class StepLinePrinter(StepTimer, PrinterCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            line = self.line(logs or {}, state)
+            if line is None:
+                return super().on_log(args, state, control, logs=logs, **kwargs)
+            if state.is_local_process_zero:
+                print(line, flush=True)
+
+    return {ProgressCallback: StepLineProgress, PrinterCallback: StepLinePrinter}
+
+
+def print_step_lines(trainer):
+    """Put the one-line console loggers in place of transformers' own."""
+    for original, replacement in step_line_callbacks().items():
+        if trainer.pop_callback(original) is not None:
+            trainer.add_callback(replacement)
+
+
+def quiet_library_warnings():
+    """TRL 1.16 itself calls the `gradient_checkpointing_*` model methods transformers 5 deprecated, around
+    every generation (trl/models/utils.py): not our calls, and printed at every checkpoint. Only those."""
+    import warnings
+
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`(is_gradient_checkpointing|gradient_checkpointing_enable|gradient_checkpointing_disable)` is deprecated",
+        category=FutureWarning,
+        module=r"transformers\.modeling_utils",
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Resuming and interrupts (checkpoints.py)
 # ----------------------------------------------------------------------------------------------
@@ -418,6 +436,40 @@ def find_resume_checkpoint(training_args: PolarisConfig) -> Path | None:
 
     warn = print_warning if training_args.process_index == 0 else (lambda message: None)
     return resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir, warn)
+
+
+RUN_FILES = ("trainer_state.json",)  # with checkpoint-N directories: what says a directory holds a run
+
+
+def previous_run(output_dir) -> list[str]:
+    """The names in `output_dir` that show a run was trained there (checkpoints, trainer_state.json)."""
+    from checkpoints import list_checkpoints
+
+    directory = Path(output_dir)
+    if not directory.is_dir():
+        return []
+    return [path.name for path in list_checkpoints(directory)] + [name for name in RUN_FILES if (directory / name).exists()]
+
+
+def check_output_dir(script_args: ScriptArguments, training_args: PolarisConfig, resume_checkpoint: Path | None):
+    """A fresh run into a directory holding a run stops, unless `--overwrite_output_dir`, which clears it."""
+    import shutil
+
+    found = previous_run(training_args.output_dir) if resume_checkpoint is None else []
+    if not found:
+        return
+    if not script_args.overwrite_output_dir:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise UserError(
+            f"{training_args.output_dir} already holds a run ({shown}): continue it with --resume_from_checkpoint true, "
+            "start afresh over it with --overwrite_output_dir true, or pick another --output_dir"
+        )
+    with training_args.main_process_first(desc="clearing the previous run"):
+        if training_args.process_index == 0:
+            for name in found:
+                path = Path(training_args.output_dir) / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            print(f"--overwrite_output_dir: removed the previous run in {training_args.output_dir} ({len(found)} entries)")
 
 
 def eval_settings(eval_problems, script_args: ScriptArguments, training_args: PolarisConfig) -> dict | None:
@@ -469,6 +521,7 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
     from rewards import get_reward_funcs
 
     start = time.time()
+    quiet_library_warnings()
     set_seed(training_args.seed)
     is_demo = model_args.model_name_or_path == TOY_NAME
     check_model_options(training_args, model_args)
@@ -480,6 +533,8 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
     if note and training_args.process_index == 0:
         print(f"note: {note}", file=sys.stderr)
     resume_checkpoint = find_resume_checkpoint(training_args)  # before anything loads: a wrong path fails at once
+    check_output_dir(script_args, training_args, resume_checkpoint)
+    base_model_name = model_args.model_name_or_path
     model_args.model_name_or_path = resolve_toy(model_args.model_name_or_path, script_args.toy_dir, "model")
     gguf_file = getattr(model_args, "gguf_file", None)
     if not model_args.model_name_or_path and not gguf_file:
@@ -515,6 +570,8 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
+    print_step_lines(trainer)
+    trainer.base_model_name, trainer.base_model_path = base_model_name, model_args.model_name_or_path  # for the model card
     if hasattr(trainer, "run_record"):  # kept with every checkpoint, so a resumed run need not measure again
         trainer.run_record.update(accuracy_before=accuracy_before, eval=measurement)
     trainer.train(resume_from_checkpoint=str(resume_checkpoint) if resume_checkpoint else None)
@@ -562,7 +619,8 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
 
 
 def make_parser():
-    return TrlParser((ScriptArguments, PolarisConfig, PolarisModelConfig))
+    # allow_abbrev=False: `--max_step 3` is an unknown option, not silently --max_steps
+    return TrlParser((ScriptArguments, PolarisConfig, PolarisModelConfig), allow_abbrev=False)
 
 
 def parse_args(args: list[str] | None = None):
@@ -570,6 +628,8 @@ def parse_args(args: list[str] | None = None):
     import yaml
 
     args = list(sys.argv[1:] if args is None else args)
+    print_short_help_and_exit(args)
+    args = ["--help" if arg == "--help-all" else arg for arg in args]  # TRL's full list
     if not args:
         print(f"No arguments: running the demo recipe {DEMO_RECIPE.relative_to(Path.cwd()) if DEMO_RECIPE.is_relative_to(Path.cwd()) else DEMO_RECIPE}")
         args = ["--config", str(DEMO_RECIPE)]
@@ -577,8 +637,11 @@ def parse_args(args: list[str] | None = None):
         config_path = Path(args[args.index("--config") + 1]) if args.index("--config") + 1 < len(args) else None
         if config_path is None or not config_path.is_file():
             raise UserError(f"no such recipe file: {config_path} (see recipes/ for examples)")
+    parser = make_parser()
     try:
-        return make_parser().parse_args_and_config(args)
+        recipe = yaml.safe_load(config_path.read_text()) if "--config" in args else None
+        check_options(parser, args, recipe if isinstance(recipe, dict) else None, config_path if "--config" in args else None)
+        return parser.parse_args_and_config(args)
     except yaml.YAMLError as error:
         raise UserError(f"the recipe file does not parse as YAML: {str(error).splitlines()[0]} ...") from error
     except (ValueError, TypeError) as error:

@@ -12,6 +12,7 @@ all-failed, substituted and rescued in every run, on any toy world.
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -307,7 +308,7 @@ def test_sigint_saves_a_checkpoint_at_the_next_step_and_the_printed_command_resu
     log = tmp_path / "interrupted.log"
     process = start_training([sys.executable, str(ROOT / "train_grpo.py"), *args], log)
     try:
-        wait_for(lambda: "'loss'" in log.read_text(), process, log)  # the first step is logged
+        wait_for(lambda: re.search(r"^step \d+/\d+ ", log.read_text(), re.M) is not None, process, log)  # the first step is logged
         process.send_signal(signal.SIGINT)
         process.wait(timeout=300)
     finally:

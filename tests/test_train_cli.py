@@ -10,8 +10,10 @@ import pytest
 from conftest import ROOT
 
 
-def run_train(*args, cwd=ROOT, timeout=600):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def run_train(*args, cwd=ROOT, timeout=600, show_warnings=False):
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONWARNINGS"}
+    if not show_warnings:
+        env["PYTHONWARNINGS"] = "ignore"
     return subprocess.run(
         [sys.executable, str(ROOT / "train_grpo.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
     )
@@ -103,3 +105,148 @@ def test_demo_end_to_end(toy_world, tmp_path):
     assert any("reward" in row for row in state["log_history"])
     assert (output_dir / "model.safetensors").exists() and (output_dir / "learning_curve.png").exists()
     assert any(p.name.startswith("checkpoint-") for p in output_dir.iterdir())
+
+
+def test_rerun_into_a_directory_holding_a_run_stops(toy_world, tmp_path):
+    output_dir = tmp_path / "o"
+    (output_dir / "checkpoint-20").mkdir(parents=True)
+    result = run_train("--model_name_or_path", str(toy_world / "model"), "--dataset_name", str(toy_world / "train.jsonl"), "--output_dir", str(output_dir))
+    assert_one_line_error(result, "already holds a run", "checkpoint-20", "--resume_from_checkpoint true", "--overwrite_output_dir true")
+    assert (output_dir / "checkpoint-20").is_dir()  # nothing was touched
+
+
+def test_demo_recipe_reruns_over_its_output_dir():
+    from train_grpo import parse_args
+
+    script_args, _, _ = parse_args([])
+    assert script_args.overwrite_output_dir  # the README's demo command works a second time
+
+
+def test_model_card_names_the_base_model():
+    """TRL's own card for a local model says "[None](https://huggingface.co/None)"; ours names it."""
+    from trl.trainer.utils import generate_model_card
+
+    from train_grpo import name_base_model_in_card
+
+    card = str(generate_model_card(base_model=None, model_name="demo", hub_model_id=None, dataset_name=None, tags=[],
+                                   wandb_url=None, trackio_url=None, trainer_name="GRPO"))
+    assert "[None](https://huggingface.co/None)" in card
+    toy_card = name_base_model_in_card(card, "toy", "outputs/toy/model")
+    assert "None" not in toy_card.split("fine-tuned version of", 1)[1].split("\n", 1)[0]
+    assert "fine-tuned version of the offline toy model built by toy.py (`outputs/toy/model`)" in toy_card
+    assert "fine-tuned version of the local model `./my-sft`" in name_base_model_in_card(card, "./my-sft")
+    hub_card = name_base_model_in_card(card, "Qwen/Qwen3-4B")
+    assert "fine-tuned version of [Qwen/Qwen3-4B](https://huggingface.co/Qwen/Qwen3-4B)" in hub_card
+    assert "\nbase_model: Qwen/Qwen3-4B\n" in hub_card.split("\n---", 1)[0]
+
+
+@pytest.mark.slow
+def test_overwrite_clears_the_previous_run_and_the_card_names_the_toy_model(toy_world, tmp_path):
+    """Also: the console is quiet (no warnings of our making, the toy world reported once, one line per log)."""
+    output_dir = tmp_path / "o"
+    (output_dir / "checkpoint-99").mkdir(parents=True)
+    (output_dir / "trainer_state.json").write_text("{}")
+    result = run_train(
+        "--model_name_or_path", "toy", "--dataset_name", "toy", "--toy_dir", str(toy_world), "--output_dir", str(output_dir),
+        "--overwrite_output_dir", "true", "--max_steps", "1", "--per_device_train_batch_size", "16", "--max_completion_length", "8",
+        "--save_strategy", "steps", "--save_steps", "1", "--report_to", "none", "--logging_steps", "1",
+        "--eval_dataset_name", "toy", "--eval_max_problems", "2", "--eval_num_samples", "1", show_warnings=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Warning" not in result.stderr and "Failed to load" not in result.stderr, result.stderr[-3000:]
+    assert result.stdout.count("Toy world found") == 1
+    step_lines = [line for line in result.stdout.splitlines() if line.startswith("step 1/1  reward ")]
+    assert len(step_lines) == 1 and " informative " in step_lines[0] and " length " in step_lines[0] and "s/step" in step_lines[0]
+    assert "{'loss'" not in result.stdout + result.stderr and "'completions/mean_length'" not in result.stdout + result.stderr
+    logged = [row for row in json.loads((output_dir / "trainer_state.json").read_text())["log_history"] if "loss" in row]
+    assert len(logged) == 1 and len(logged[0]) > 20 and "completions/mean_length" in logged[0]  # the full dict is kept
+    assert not (output_dir / "checkpoint-99").exists() and (output_dir / "checkpoint-1").is_dir()
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 1
+    card = (output_dir / "README.md").read_text()
+    assert "[None]" not in card and "fine-tuned version of the offline toy model built by toy.py" in card
+
+
+def test_unknown_option_suggests_the_close_one(tmp_path):
+    assert_one_line_error(run_train("--max_stepz", "3"), "unknown option --max_stepz: did you mean --max_steps?")
+
+
+def test_unknown_recipe_key_and_no_prefix_matching(tmp_path):
+    from data import UserError
+    from train_grpo import parse_args
+
+    (tmp_path / "r.yaml").write_text("model_name_or_path: toy\nlearning_rat: 1.0e-5\n")
+    with pytest.raises(UserError, match=r"unknown key 'learning_rat' in recipe .*r\.yaml: did you mean learning_rate\?"):
+        parse_args(["--config", str(tmp_path / "r.yaml")])
+    with pytest.raises(UserError, match="unknown option --max_step: did you mean --max_steps?"):  # a prefix is not taken
+        parse_args(["--max_step", "3"])
+    with pytest.raises(UserError, match=r"unknown option --zzzz \(see --help\)"):
+        parse_args(["--zzzz=1"])
+    _, training_args, _ = parse_args(["--max_steps=3", "--no_rollout_rescue", "--output_dir", str(tmp_path / "o")])
+    assert training_args.max_steps == 3 and not training_args.rollout_rescue
+
+
+def test_no_deprecation_warnings_from_our_defaults_and_recipes():
+    import warnings
+
+    from train_grpo import parse_args
+
+    for recipe in [[]] + [["--config", str(path)] for path in sorted((ROOT / "recipes").glob("*.yaml"))]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, training_args, _ = parse_args(recipe)
+        assert not [w for w in caught if issubclass(w.category, FutureWarning)], (recipe, [str(w.message) for w in caught])
+        assert training_args.activation_checkpointing and training_args.gradient_checkpointing  # still on by default
+    with warnings.catch_warnings(record=True):
+        _, training_args, _ = parse_args(["--gradient_checkpointing", "false", "--output_dir", "x"])  # the old name still works
+    assert training_args.activation_checkpointing is False
+
+
+def test_bitsandbytes_import_note_is_silenced_but_not_its_errors():
+    import logging
+
+    import train_grpo  # noqa: F401  data.py sets the level before trl imports bitsandbytes
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    assert not logger.isEnabledFor(logging.WARNING) and logger.isEnabledFor(logging.ERROR)
+    code = "import evaluate, transformers.trainer, bitsandbytes"  # train_grpo.py: see the end-to-end test
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_step_line():
+    from train_grpo import format_step_line
+
+    logs = {"loss": 0.1, "reward": 0.2, "frac_reward_zero_std": 0.5, "trained/reward": 0.25, "trained/frac_reward_zero_std": 0.25,
+            "schedule/stage": 2, "completions/mean_length": 20.73}
+    assert format_step_line(logs, 5, 40, 4.94) == "step 5/40  reward 0.250  informative 0.75  stage 2  length 20.7  4.9 s/step"
+    assert format_step_line({"loss": 0.1, "reward": 0.5}, 1, 2, None) == "step 1/2  reward 0.500"
+    assert format_step_line({"eval_loss": 1.0}, 1, 2, None) is None  # left to transformers' own printing
+
+
+def test_short_help_is_readable_and_does_not_import_torch():
+    """`--help` shows the script's and POLARIS's options first, grouped, without the seconds of importing torch/TRL."""
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['train_grpo.py', '--help']\n"
+        "try:\n    runpy.run_path('train_grpo.py', run_name='__main__')\n"
+        "except SystemExit as exit:\n    assert exit.code == 0, exit.code\n"
+        "print('IMPORTED', 'torch' in sys.modules or 'trl' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert text.rstrip().endswith("IMPORTED False")
+    assert len(text.splitlines()) < 200
+    sections = ["this script:", "data, rewards and the before/after measurement:", "POLARIS:", "training (TRL / transformers):"]
+    positions = [text.index(section) for section in sections]
+    assert positions == sorted(positions)
+    for option in ["--stages", "--rollout_rescue", "--eval_dataset_name", "--overwrite_output_dir", "--max_steps", "--use_peft"]:
+        assert option in text
+    assert "--help-all" in text
+
+
+def test_help_all_is_trls_full_list():
+    result = run_train("--help-all")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(result.stdout.splitlines()) > 1000
+    assert "--stages" in result.stdout and "--gradient_accumulation_steps" in result.stdout and "--lora_r" in result.stdout

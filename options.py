@@ -1,0 +1,188 @@
+"""The options train_grpo.py adds to TRL's, and the short `--help` that shows them first.
+
+Plain dataclasses without torch or TRL, so that `python train_grpo.py --help` answers at once; train_grpo.py
+mixes them into TRL's `ScriptArguments` and `GRPOConfig`. `--help-all` prints TRL's full list.
+"""
+
+import argparse
+import dataclasses
+import sys
+import textwrap
+from dataclasses import dataclass, field
+
+from data import DEFAULT_PROMPT_SUFFIX
+
+
+@dataclass
+class ScriptOptions:
+    """Data, rewards and the before/after measurement."""
+
+
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "Held-out problems measured before and after training (hub id, file or `toy`)."}
+    )
+    problem_column: str = field(default="problem", metadata={"help": "Column holding the question."})
+    answer_column: str = field(default="answer", metadata={"help": "Column holding the gold answer."})
+    prompt_suffix: str = field(default=DEFAULT_PROMPT_SUFFIX, metadata={"help": "Appended to every problem."})
+    system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
+    max_prompt_length: int | None = field(
+        default=1024, metadata={"help": "Prompts longer than this many tokens are dropped (TRL no longer truncates)."}
+    )
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["accuracy"],
+        metadata={"help": "Reward functions: names from rewards.REWARD_FUNCS or dotted import paths."},
+    )
+    eval_num_samples: int = field(default=4, metadata={"help": "Samples per held-out problem (avg@k)."})
+    eval_max_problems: int | None = field(default=200, metadata={"help": "Measure on at most this many problems."})
+    toy_dir: str = field(default="outputs/toy", metadata={"help": "Where the toy world is built and cached."})
+    plan: bool = field(
+        default=False,
+        metadata={"help": "Print the estimated peak GPU memory by part and whether it fits, then exit without loading weights (memory_planner.py)."},
+    )
+    gpu_memory: float | None = field(default=None, metadata={"help": "GPU memory in GiB for --plan (default: this machine's GPU)."})
+    accelerate_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "The accelerate config the run is launched with (accelerate launch --config_file): --plan counts "
+            "its GPU count, ZeRO / FSDP sharding and CPU offload. Training itself takes them from the launcher."
+        },
+    )
+    num_gpus: int | None = field(default=None, metadata={"help": "GPUs for --plan (default: the accelerate config's num_processes)."})
+    save_merged: bool = field(
+        default=False,
+        metadata={"help": "With --use_peft: also save the base model with the adapter merged in, to OUTPUT_DIR/merged."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start afresh in an --output_dir that holds a run, deleting its checkpoints and trainer_state.json "
+            "(without it such a directory stops the run; --resume_from_checkpoint true continues it instead)."
+        },
+    )
+
+
+@dataclass
+class PolarisOptions:
+    """POLARIS's options that TRL lacks, and the TRL defaults POLARIS changes."""
+
+
+    epsilon_high: float | None = field(default=0.28, metadata={"help": "Upper clip (clip-higher, DAPO / POLARIS)."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "POLARIS keeps the learning rate constant."})
+    weight_decay: float = field(default=0.01, metadata={"help": "Weight decay (POLARIS: 0.01)."})
+    stages: list[dict] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Stage schedule: sampling temperature and max completion length from a given step on, "
+            'e.g. "0:1.4:39936,300:1.45:48128" (STEP:TEMPERATURE:MAX_COMPLETION_LENGTH). In a recipe a stage may '
+            "also start when a condition holds (`when`) and drop mastered prompts (`refresh_data`); see schedules.py."
+        },
+    )
+    temperature_search_problems: int = field(
+        default=16, metadata={"help": "A stage with search_temperatures samples this many training prompts at each candidate."}
+    )
+    temperature_search_samples: int = field(default=4, metadata={"help": "Samples per probe prompt and temperature."})
+    temperature_search_ngram_unit: str = field(
+        default="word", metadata={"help": "Diversity of the temperature search counts 4-grams of words or of characters (`char`)."}
+    )
+    refresh_max_mean_reward: float = field(
+        default=0.9, metadata={"help": "A stage with refresh_data drops the prompts whose mean reward so far is above this (POLARIS: 0.9)."}
+    )
+    # Zero-advantage groups (all rollouts right or all wrong) are repaired; see batch_repair.py.
+    rollout_rescue: bool = field(
+        default=True, metadata={"help": "Replace one rollout of an all-failed group by the prompt's last correct completion."}
+    )
+    informative_substitution: bool = field(
+        default=True, metadata={"help": "Replace zero-variance groups by copies of informative groups of the same batch."}
+    )
+    min_informative_fraction: float = field(
+        default=1 / 3, metadata={"help": "Substitute only when more than this fraction of groups is informative."}
+    )
+    dynamic_sampling: bool = field(
+        default=False, metadata={"help": "Below that fraction, generate again with fresh prompts first (DAPO)."}
+    )
+    dynamic_sampling_max_batches: int = field(
+        default=3, metadata={"help": "At most this many extra generation batches per step with --dynamic_sampling."}
+    )
+    # One generation batch per optimizer step, so repair and the token-mean loss see the whole step; see step_batch.py.
+    generation_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Sequences each process samples in one transformers generate call (memory). An optimizer step's "
+            "rollouts are sampled in chunks of this size, then repaired and trained on together. Default: all at once. "
+            "A --steps_per_generation below --gradient_accumulation_steps sets it to per_device_train_batch_size x "
+            "steps_per_generation. vLLM ignores it (it schedules its own memory)."
+        },
+    )
+    vllm_importance_sampling_correction: bool = field(
+        default=False,
+        metadata={
+            "help": "Reweight vLLM-sampled tokens by the trainer/vLLM probability ratio (TRL's default: on, per "
+            "sequence). Off as in POLARIS: a per-sequence ratio is a product over every token, so long completions "
+            "get tiny weights from small numeric gaps. Turned on, rescued rollouts get their group's mean ratio."
+        },
+    )
+
+    # TRL defaults the name transformers 5 deprecated (`gradient_checkpointing`) to True, which warns on every
+    # run: the default moves to the new name, and only an explicit old name warns.
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated name of --activation_checkpointing."})
+    activation_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Recompute activations in the backward pass to save memory (TRL's default: on)."}
+    )
+
+
+# The options of TRL and transformers a run is usually shaped with, shown by name in the short help.
+COMMON_TRL_OPTIONS = {
+    "model and data (TRL)": "--model_name_or_path --dataset_name --dataset_train_split --dataset_test_split",
+    "training (TRL / transformers)": "--output_dir --max_steps --learning_rate --per_device_train_batch_size "
+    "--gradient_accumulation_steps --num_generations --temperature --max_completion_length --beta --loss_type "
+    "--logging_steps --save_steps --save_total_limit --resume_from_checkpoint --report_to --seed --bf16 --use_vllm",
+    "LoRA and quantization (TRL's ModelConfig)": "--use_peft --lora_r --lora_alpha --lora_target_modules --load_in_4bit --load_in_8bit",
+}
+
+
+def wants_short_help(args: list[str]) -> bool:
+    return any(arg in ("-h", "--help") for arg in args) and "--help-all" not in args
+
+
+def short_help(prog: str = "train_grpo.py") -> str:
+    """The script's own options and POLARIS's, grouped, then TRL's usual ones by name."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        usage=f"python {prog} [--config RECIPE.yaml] [--OPTION VALUE ...]   (no arguments: the demo recipe)",
+        description="POLARIS-style GRPO on TRL. A recipe (--config) sets any option; the command line overrides it.",
+        epilog="All of TRL's and transformers' options, with descriptions: python train_grpo.py --help-all",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+    )
+    general = parser.add_argument_group("this script")
+    general.add_argument("--config", metavar="RECIPE.yaml", help="A recipe (see recipes/); its keys are the options below.")
+    general.add_argument("-h", "--help", action="store_true", help="This summary. --help-all: every option.")
+    for title, options in (("data, rewards and the before/after measurement", ScriptOptions), ("POLARIS", PolarisOptions)):
+        group = parser.add_argument_group(title)
+        for option in dataclasses.fields(options):
+            if option.metadata.get("help", "").startswith("Deprecated"):
+                continue
+            group.add_argument(f"--{option.name}", metavar=metavar(option), help=describe(option))
+    text = parser.format_help()
+    common = "\n\n".join(f"{title}:\n" + textwrap.fill(options, width=100, initial_indent="  ", subsequent_indent="  ")
+                         for title, options in COMMON_TRL_OPTIONS.items())
+    return text.replace("All of TRL's", common + "\n\nAll of TRL's")
+
+
+def metavar(option: dataclasses.Field) -> str:
+    kind = str(option.type)
+    return next((name for name in ("bool", "int", "float", "list", "str") if name in kind), "VALUE").upper()
+
+
+def describe(option: dataclasses.Field) -> str:
+    default = option.default_factory() if option.default_factory is not dataclasses.MISSING else option.default
+    text = option.metadata.get("help", "").replace("%", "%%")
+    shown = f"'{default}'" if isinstance(default, str) else repr(default)
+    return f"{text} (default: {shown})" if default not in (None, dataclasses.MISSING) else text
+
+
+def print_short_help_and_exit(args: list[str] | None = None, prog: str = "train_grpo.py"):
+    """Print the short help and exit 0 when `args` (default: the command line) asks for it."""
+    if wants_short_help(sys.argv[1:] if args is None else args):
+        print(short_help(prog))
+        sys.exit(0)
