@@ -17,7 +17,6 @@ from data import DEFAULT_PROMPT_SUFFIX
 class ScriptOptions:
     """Data, rewards and the before/after measurement."""
 
-
     eval_dataset_name: str | None = field(
         default=None, metadata={"help": "Held-out problems measured before and after training (hub id, file or `toy`)."}
     )

@@ -16,7 +16,7 @@ or a llama.cpp GGUF file (`--model_name_or_path model.gguf`, dequantized to a fl
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from options import PolarisOptions, ScriptOptions, print_short_help_and_exit  # imports data.py: quiet bitsandbytes
