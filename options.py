@@ -131,7 +131,7 @@ class PolarisOptions:
 
 # The options of TRL and transformers a run is usually shaped with, shown by name in the short help.
 COMMON_TRL_OPTIONS = {
-    "model and data (TRL)": "--model_name_or_path --dataset_name --dataset_train_split --dataset_test_split",
+    "model and data": "--model_name_or_path --gguf_file --dataset_name --dataset_train_split --dataset_test_split",
     "training (TRL / transformers)": "--output_dir --max_steps --learning_rate --per_device_train_batch_size "
     "--gradient_accumulation_steps --num_generations --temperature --max_completion_length --beta --loss_type "
     "--logging_steps --save_steps --save_total_limit --resume_from_checkpoint --report_to --seed --bf16 --use_vllm",
