@@ -47,6 +47,7 @@ import random
 import time
 import zlib
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -699,19 +700,21 @@ class BatchRepairMixin:
         `--refresh_max_mean_reward`); prompts never seen stay. Later batches draw other prompts in their place."""
         threshold = self._setting("refresh_max_mean_reward", 0.9)
         ids = self._dataset_prompt_ids()
-        before = len(self.dropped_prompt_ids & set(ids))
-        self.dropped_prompt_ids |= mastered_prompts({pid: e["group_rewards"] for pid, e in self.ledger.prompts.items()}, threshold) & set(ids)
-        self._remaining_rows = None
-        dropped = len(self.dropped_prompt_ids & set(ids))
+        in_dataset = set(ids)
+        before = len(self.dropped_prompt_ids & in_dataset)
+        mastered = mastered_prompts({pid: e["group_rewards"] for pid, e in self.ledger.prompts.items()}, threshold)
+        self.dropped_prompt_ids |= mastered & in_dataset
+        self._remaining_rows = [i for i, pid in enumerate(ids) if pid not in self.dropped_prompt_ids]
+        dropped = len(self.dropped_prompt_ids & in_dataset)
         counts = {
             "stage": stage, "step": self.state.global_step, "dropped": dropped - before, "dropped_in_all": dropped,
-            "never_seen": sum(pid not in self.ledger.prompts for pid in set(ids)), "remaining": len(self._sampled_rows()),
+            "never_seen": len(in_dataset - self.ledger.prompts.keys()), "remaining": len(self._remaining_rows),
         }
         self.refreshes.append(counts)
         if self.accelerator.is_main_process:
             write_line(
                 f"Refresh at step {counts['step']}: dropped {counts['dropped']} prompts with mean reward above {threshold:g} "
-                f"({dropped} of {len(set(ids))} in all, {counts['never_seen']} never seen); sampling from the "
+                f"({dropped} of {len(in_dataset)} in all, {counts['never_seen']} never seen); sampling from the "
                 f"{counts['remaining']} training rows left",
             )
         return counts
@@ -722,10 +725,10 @@ class BatchRepairMixin:
             return [str(pid) for pid in dataset["prompt_id"]]
         return [row_prompt_id(row) for row in dataset]
 
-    def _sampled_rows(self) -> list[int]:
+    def _sampled_rows(self) -> Sequence[int]:
         """Dataset rows still trained on (all of them until a refresh drops some)."""
         if not self.dropped_prompt_ids:
-            return list(range(len(self.train_dataset)))
+            return range(len(self.train_dataset))
         if self._remaining_rows is None:
             self._remaining_rows = [i for i, pid in enumerate(self._dataset_prompt_ids()) if pid not in self.dropped_prompt_ids]
         return self._remaining_rows
@@ -891,7 +894,7 @@ class BatchRepairMixin:
         self._remaining_rows = None
 
 
-def draw_rows(rng: random.Random, rows: list[int], count: int) -> list[int]:
+def draw_rows(rng: random.Random, rows: Sequence[int], count: int) -> list[int]:
     """`count` of `rows`, without replacement while there are enough."""
     return rng.sample(rows, count) if count <= len(rows) else rng.choices(rows, k=count)
 
