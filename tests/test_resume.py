@@ -154,6 +154,10 @@ def test_first_signal_asks_for_a_checkpoint_second_one_acts_at_once():
 
     trainer = SimpleNamespace(accelerator=SimpleNamespace(num_processes=1))
     callback, control = InterruptCallback(trainer), TrainerControl()
+    inherited = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    # Python's own Ctrl-C handler, as in a terminal: a shell starting pytest in the background hands it an
+    # ignored SIGINT, which the callback rightly restores, and then no second signal would raise.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     callback.on_train_begin(None, None, control)
     try:
@@ -171,8 +175,8 @@ def test_first_signal_asks_for_a_checkpoint_second_one_acts_at_once():
         assert (callback.stopped_by, callback.stopped_at, callback.exit_code) == (signal.SIGINT, 4, 130)
     finally:
         callback.on_train_end(None, None, control)
-        signal.signal(signal.SIGINT, before[0])
-        signal.signal(signal.SIGTERM, before[1])
+        signal.signal(signal.SIGINT, inherited[0])
+        signal.signal(signal.SIGTERM, inherited[1])
 
 
 def test_resume_command_repeats_the_arguments():
