@@ -164,7 +164,7 @@ def torch_dtype(dtype):
 
 @contextlib.contextmanager
 def _gguf_name_map_built_once():
-    """transformers 5.24 rebuilds gguf's tensor-name table for every module of the model (397 times, 5 s
+    """transformers 5 rebuilds gguf's tensor-name table for every module of the model (397 times, 5 s
     for SmolLM2); the table depends only on the architecture and depth, so build each one once."""
     import functools
 

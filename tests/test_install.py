@@ -18,7 +18,7 @@ def read_requirements(name: str) -> dict[str, Requirement]:
 
 def test_exact_pins_only_where_needed_and_constraints_satisfy_the_requirements():
     requirements, constraints = read_requirements("requirements.txt"), read_requirements("constraints.txt")
-    assert str(requirements["trl"].specifier) == "==1.16.0" and str(requirements["transformers"].specifier) == "==5.24.0"
+    assert str(requirements["trl"].specifier) == "==1.16.0" and str(requirements["transformers"].specifier) == "==5.17.0"
     assert not any(spec.operator == "==" for spec in requirements["torch"].specifier)  # a notebook keeps its torch
     assert set(constraints) == set(requirements)
     for name, constraint in constraints.items():
