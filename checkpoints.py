@@ -424,7 +424,17 @@ class CheckpointMixin:
             rotate_checkpoints(run_dir, limit, keep=(checkpoint, self.state.best_model_checkpoint))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
+        import torch
+
+        device = self.args.device
+        if self.args.world_size > 1 and device.type == "cpu" and device.index is not None:
+            # transformers 5.17 loads a multi-process run's optimizer state onto `args.device`, which is `cpu:0`
+            # on CPU, a name torch.load cannot map to: load it as plain `cpu` (the cached property, for the call).
+            self.args.__dict__["_setup_devices"] = torch.device("cpu")
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        finally:
+            self.args.__dict__["_setup_devices"] = device
         if checkpoint is not None:
             self._load_recipe_state(Path(checkpoint))
 

@@ -133,9 +133,21 @@ def load_tokenizer(model: str, gguf_file: str | None = None, trust_remote_code: 
     has_own = adapter_base(model) is None or (Path(model) / "tokenizer_config.json").is_file()
     name, gguf = split_gguf(model, gguf_file) if has_own else _weights_source(model, None)
     tokenizer = _from_pretrained(AutoTokenizer, name, gguf, trust_remote_code=trust_remote_code)
+    if gguf:
+        _special_tokens_from_gguf_config(tokenizer, load_config(name, gguf, trust_remote_code))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _special_tokens_from_gguf_config(tokenizer, config) -> None:
+    """transformers 5.17 reads a GGUF BPE tokenizer's end-of-sequence token as its begin-of-sequence token
+    (SmolLM2: `<|im_start|>` ends every answer, so generation would stop at the next turn's start instead of
+    `<|im_end|>`); the config read from the same file has the right ids."""
+    for name in ("bos", "eos"):
+        token_id = getattr(config, f"{name}_token_id", None)
+        if isinstance(token_id, int) and getattr(tokenizer, f"{name}_token_id") != token_id:
+            setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(token_id))
 
 
 def load_config(model: str, gguf_file: str | None = None, trust_remote_code: bool = False):
@@ -286,6 +298,11 @@ def load_vllm(
     vLLM reads a GGUF file by its path (its tokenizer from the same file). `llm_kwargs` go to
     `vllm.LLM` as they are (e.g. `hf_overrides` for YaRN, `gpu_memory_utilization`)."""
     prepare_vllm_environment()
+    if vllm_on_cpu():
+        # Every problem's request carries its own seed. When vLLM splits a prompt's prefill over two steps it
+        # rewinds that request's generator, which a CPU generator cannot do ('CPU Generator does not use
+        # offset'): on CPU prompts are prefilled whole.
+        llm_kwargs.setdefault("enable_chunked_prefill", False)
     try:
         from vllm import LLM
     except ImportError as error:

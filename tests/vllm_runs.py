@@ -5,8 +5,9 @@ the threads of the process it runs in, which must not be pytest's.
     python tests/vllm_runs.py evaluate RECORD.json -- <evaluate.py arguments>
     python tests/vllm_runs.py filter RECORD.json -- <filter_data.py arguments>
 
-vLLM starts in eager mode here (no torch.compile warm-up: about a minute per new model shape on CPU);
-`train` records, per vLLM call, the sampling settings vLLM was given, and, per generation batch, the
+Training runs start vLLM in eager mode: no torch.compile warm-up (about a minute per new model shape on
+CPU). Evaluation and filtering keep the warm-up: their seeded requests fail in eager mode on CPU ('CPU
+Generator does not use offset'). `train` records, per vLLM call, the sampling settings vLLM was given, and, per generation batch, the
 importance-sampling ratios of rescued rows before and after the repair gives them their group's ratio, and
 the rows substitution copied with their ratios.
 """
@@ -86,11 +87,11 @@ def main(argv: list[str]):
     command, record_path = argv[0], Path(argv[1])
     options = argv[2 : argv.index("--")]
     script_args = argv[argv.index("--") + 1 :]
-    start_vllm_eagerly()
     record = {"vllm_calls": [], "rescues": [], "substitutions": []}
     if command == "train":
         import train_grpo
 
+        start_vllm_eagerly()
         trainer_class = recording_trainer(record, sync="--no_sync" not in options)
         record["summary"] = train_grpo.main(*train_grpo.parse_args(script_args), trainer_class=trainer_class)
     elif command == "evaluate":
