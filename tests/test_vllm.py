@@ -207,7 +207,7 @@ def test_evaluate_vllm_backend_agrees_with_transformers(vllm_installed, toy_worl
     vllm = record["summary"]["benchmarks"]["toy"]
     assert record["summary"]["settings"]["backend"] == "vllm"
     assert (vllm["num_problems"], vllm["num_samples"]) == (hf["num_problems"], hf["num_samples"]) == (120, 4)
-    assert len((tmp_path / "vllm" / "samples.jsonl").read_text().splitlines()) == 120
+    assert len((tmp_path / "vllm" / "samples.jsonl").read_text().splitlines()) == 120 * 4  # one line per sample
     assert agree_within_noise(hf["avg_at_k"], hf["avg_at_k_stderr"], vllm["avg_at_k"], vllm["avg_at_k_stderr"]), (hf["avg_at_k"], vllm["avg_at_k"])
     assert 0.1 < vllm["avg_at_k"] < 0.9  # the toy model's answers, graded: neither nothing nor everything
 
