@@ -10,8 +10,8 @@ import pytest
 from conftest import ROOT
 
 
-def run_train(*args, cwd=ROOT, timeout=600, show_warnings=False):
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONWARNINGS"}
+def run_train(*args, cwd=ROOT, timeout=600, show_warnings=False, env=None):
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONWARNINGS"} | (env or {})
     if not show_warnings:
         env["PYTHONWARNINGS"] = "ignore"
     return subprocess.run(
