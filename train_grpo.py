@@ -50,8 +50,10 @@ class PolarisConfig(PolarisOptions, GRPOConfig):
     def __post_init__(self):
         import torch
 
-        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
-            self.activation_checkpointing = True  # TRL's default, under transformers 5's name (options.py)
+        if self.activation_checkpointing is None:  # TRL's default (on), under the new name (options.py)
+            self.activation_checkpointing = True if self.gradient_checkpointing is None else self.gradient_checkpointing
+        if self.gradient_checkpointing is None:
+            self.gradient_checkpointing = self.activation_checkpointing  # the name transformers 5.17's Trainer reads
 
         # TRL defaults bf16 to True, which fails on machines without bfloat16: choose it here instead.
         has_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
