@@ -17,11 +17,14 @@ from data import DEFAULT_PROMPT_SUFFIX
 class ScriptOptions:
     """Data, rewards and the before/after measurement."""
 
+    problem_column: str = field(default="problem", metadata={"help": "Column of the training set holding the question."})
+    answer_column: str = field(default="answer", metadata={"help": "Column of the training set holding the gold answer."})
     eval_dataset_name: str | None = field(
         default=None, metadata={"help": "Held-out problems measured before and after training (hub id, file or `toy`)."}
     )
-    problem_column: str = field(default="problem", metadata={"help": "Column holding the question."})
-    answer_column: str = field(default="answer", metadata={"help": "Column holding the gold answer."})
+    # The held-out set is usually another source than the training set (a benchmark), so it has its own columns.
+    eval_problem_column: str = field(default="problem", metadata={"help": "Column of the held-out set holding the question."})
+    eval_answer_column: str = field(default="answer", metadata={"help": "Column of the held-out set holding the gold answer."})
     prompt_suffix: str = field(default=DEFAULT_PROMPT_SUFFIX, metadata={"help": "Appended to every problem."})
     system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
     max_prompt_length: int | None = field(

@@ -253,10 +253,11 @@ def load_eval_problems(script_args: ScriptArguments):
     dataset = load_problems(
         script_args.eval_dataset_name,
         split=script_args.dataset_test_split,
-        problem_column=script_args.problem_column,
-        answer_column=script_args.answer_column,
+        problem_column=script_args.eval_problem_column,
+        answer_column=script_args.eval_answer_column,
         prompt_suffix=script_args.prompt_suffix,
         system_prompt=script_args.system_prompt,
+        column_options="--eval_problem_column / --eval_answer_column",
     )
     if script_args.eval_max_problems:
         dataset = dataset.select(range(min(len(dataset), script_args.eval_max_problems)))

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from data import UserError
 
 
 def run_train(*args, cwd=ROOT, timeout=600, show_warnings=False, env=None):
@@ -58,6 +59,33 @@ def test_missing_columns(toy_world, tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"question": "1+1?", "gold": "2"}) + "\n")
     result = run_train("--model_name_or_path", str(toy_world / "model"), "--dataset_name", str(tmp_path / "d.jsonl"), "--output_dir", str(tmp_path / "o"))
     assert_one_line_error(result, "--problem_column")
+
+
+def test_held_out_set_has_its_own_columns(toy_world, tmp_path):
+    """--problem_column / --answer_column rename the training set's columns only: the demo's held-out set (toy
+    test.jsonl, `problem`/`answer`) keeps its own, and --eval_problem_column / --eval_answer_column rename those."""
+    from generation import load_tokenizer, resolve_toy
+    from train_grpo import load_eval_problems, load_training_data, parse_args
+
+    rows = [{"question": f"What is {a} + {a}?", "solution": str(2 * a)} for a in range(5)]
+    (tmp_path / "mydata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    script_args, _, _ = parse_args([
+        "--config", str(ROOT / "recipes" / "demo.yaml"), "--toy_dir", str(toy_world), "--dataset_name", str(tmp_path / "mydata.jsonl"),
+        "--problem_column", "question", "--answer_column", "solution", "--eval_max_problems", "3",
+    ])  # fmt: skip
+    script_args.eval_dataset_name = resolve_toy(script_args.eval_dataset_name, script_args.toy_dir, "test")
+    assert script_args.eval_dataset_name == str(toy_world / "test.jsonl")
+    train = load_training_data(script_args, load_tokenizer(str(toy_world / "model")))
+    assert train["problem"] == [row["question"] for row in rows] and train["answer"] == [row["solution"] for row in rows]
+    held_out = load_eval_problems(script_args)
+    test_rows = [json.loads(line) for line in (toy_world / "test.jsonl").read_text().splitlines()[:3]]
+    assert held_out["problem"] == [row["problem"] for row in test_rows]
+
+    script_args.eval_dataset_name = str(tmp_path / "mydata.jsonl")
+    with pytest.raises(UserError, match="expected 'problem' and 'answer'.*set --eval_problem_column / --eval_answer_column"):
+        load_eval_problems(script_args)
+    script_args.eval_problem_column, script_args.eval_answer_column = "question", "solution"
+    assert load_eval_problems(script_args)["answer"] == ["0", "2", "4"]
 
 
 def test_empty_dataset_after_prompt_filter(toy_world, tmp_path):
