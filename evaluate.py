@@ -43,6 +43,7 @@ from typing import Literal
 
 import generation
 from data import DEFAULT_PROMPT_SUFFIX, HubUnavailable, UserError, check_options, hub_offline, load_problems, prompt_token_ids, run_cli
+from toy import TOY_DIR_HELP, default_toy_dir
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ class EvalArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM: fraction of GPU memory to use."})
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs per model."})
-    toy_dir: str = field(default="outputs/toy", metadata={"help": "Where the toy world is built and cached."})
+    toy_dir: str = field(default_factory=default_toy_dir, metadata={"help": TOY_DIR_HELP})
 
 
 @dataclass

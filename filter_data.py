@@ -46,6 +46,7 @@ from typing import Literal
 
 import generation
 from data import DEFAULT_PROMPT_SUFFIX, UserError, check_options, load_problems, prompt_token_ids, run_cli
+from toy import TOY_DIR_HELP, default_toy_dir
 
 
 OUTPUT_FORMATS = (".parquet", ".jsonl", ".json")
@@ -92,7 +93,7 @@ class FilterArguments:
     answer_column: str = field(default="answer", metadata={"help": "Column holding the gold answer."})
     prompt_suffix: str = field(default=DEFAULT_PROMPT_SUFFIX, metadata={"help": "Appended to every problem (as in train_grpo.py)."})
     system_prompt: str | None = field(default=None, metadata={"help": "Optional system message (as in train_grpo.py)."})
-    toy_dir: str = field(default="outputs/toy", metadata={"help": "Where the toy world is built and cached."})
+    toy_dir: str = field(default_factory=default_toy_dir, metadata={"help": TOY_DIR_HELP})
 
 
 def parse_args(args: list[str] | None = None) -> FilterArguments:

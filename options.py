@@ -11,6 +11,7 @@ import textwrap
 from dataclasses import dataclass, field
 
 from data import DEFAULT_PROMPT_SUFFIX
+from toy import TOY_DIR_HELP, default_toy_dir
 
 
 @dataclass
@@ -36,7 +37,7 @@ class ScriptOptions:
     )
     eval_num_samples: int = field(default=4, metadata={"help": "Samples per held-out problem (avg@k)."})
     eval_max_problems: int | None = field(default=200, metadata={"help": "Measure on at most this many problems."})
-    toy_dir: str = field(default="outputs/toy", metadata={"help": "Where the toy world is built and cached."})
+    toy_dir: str = field(default_factory=default_toy_dir, metadata={"help": TOY_DIR_HELP})
     plan: bool = field(
         default=False,
         metadata={"help": "Print the estimated peak GPU memory by part and whether it fits, then exit without loading weights (memory_planner.py)."},
