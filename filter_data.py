@@ -360,13 +360,11 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot_difficulty(rows: list[dict], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook's plotting backend stays as it is
 
     labels = [r["difficulty"] for r in rows]
-    figure, axis = plt.subplots(figsize=(7, 3.8))
+    figure = Figure(figsize=(7, 3.8))
+    axis = figure.subplots()
     axis.bar(labels, [r["problems"] for r in rows], color="#c8c8c8", label="before filtering")
     axis.bar(labels, [r["kept"] for r in rows], color="#3b75af", width=0.55, label="kept")
     for x, r in enumerate(rows):
@@ -377,7 +375,6 @@ def plot_difficulty(rows: list[dict], path: Path, title: str) -> Path:
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
     return path
 
 

@@ -294,10 +294,7 @@ def plot_learning_curve(log_history: list[dict], path: Path, stage_starts: list[
     """Rewards and the informative fraction per logged step: of what the model sampled and, after batch
     repair, of what it trained on (TRL's `reward` and `frac_reward_zero_std` describe the batch before it).
     Stage boundaries are marked with what started them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook's plotting backend stays as it is
 
     rows = [row for row in log_history if "reward" in row]
     if not rows:
@@ -307,7 +304,8 @@ def plot_learning_curve(log_history: list[dict], path: Path, stage_starts: list[
     def series(key, transform=lambda value: value):
         return [transform(row[key]) if row.get(key) is not None else None for row in rows]
 
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure = Figure(figsize=(6, 3.5))
+    axis = figure.subplots()
     if any("trained/reward" in row for row in rows):
         axis.plot(steps, series("sampled/reward"), marker="o", label="mean reward, sampled")
         axis.plot(steps, series("trained/reward"), marker=".", label="mean reward, trained")
@@ -328,7 +326,6 @@ def plot_learning_curve(log_history: list[dict], path: Path, stage_starts: list[
     axis.set_title("Training rewards")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
     return path
 
 
