@@ -26,10 +26,10 @@ def header_numbers(recipe):
 @pytest.fixture
 def offline_hub(monkeypatch, tmp_path):
     """No network and an empty Hugging Face cache: model shapes come from the built-in table."""
-    import huggingface_hub
+    from huggingface_hub import constants  # a submodule: `import huggingface_hub` alone may not have loaded it
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
 
 
 def test_the_expected_recipes_exist():
