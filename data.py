@@ -132,10 +132,12 @@ def hub_unreachable(endpoint: str) -> str | None:
 def check_source(name: str, kind: str) -> None:
     """Fail at once, in one line, when `name` (a `kind`: "model directory", "dataset file") cannot be had:
     a local-looking path that does not exist, or a hub id while the hub cannot be reached."""
-    if Path(name).expanduser().exists() or hub_offline():  # offline: the libraries say what the cache lacks
+    if Path(name).expanduser().exists():
         return
     if looks_local(name):
         raise UserError(f"no such {kind}: {name}")
+    if hub_offline():  # the libraries read the cache and say what it lacks
+        return
     from huggingface_hub import constants
 
     reason = hub_unreachable(constants.ENDPOINT)

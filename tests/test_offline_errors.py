@@ -47,7 +47,7 @@ def test_missing_local_paths_say_no_such(no_network, tmp_path):
         started = time.time()
         with pytest.raises(UserError, match=f"^no such model directory: {name}$"):
             load_tokenizer(name)
-        assert time.time() - started < 2
+        assert time.time() - started < 5
     with pytest.raises(UserError, match="^no such GGUF file: missing.gguf$"):
         load_tokenizer("missing.gguf")
     for name in ("./missing", "~/missing.parquet", "data/train/missing", "missing.jsonl"):
@@ -84,6 +84,8 @@ def test_hub_model_missing_from_the_cache_in_offline_mode(monkeypatch, tmp_path)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(HubUnavailable, match="'Qwen/Qwen3-0.6B' is not in the Hugging Face cache and HF_HUB_OFFLINE is set"):
         load_tokenizer("Qwen/Qwen3-0.6B")
+    with pytest.raises(UserError, match="^no such model directory: ./missing-model$"):
+        load_tokenizer("./missing-model")
 
 
 def test_cli_without_network_is_one_line_at_once(toy_world, tmp_path, closed_port):
