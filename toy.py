@@ -29,7 +29,7 @@ from data import DEFAULT_PROMPT_SUFFIX, build_messages
 
 TOY_RECIPE_VERSION = 2  # bump when the generator or the warm start changes meaning
 TOY_DIR_ENV = "POLARIS_TOY_DIR"
-TOY_DIR_HELP = f"Where the toy world is built and cached (default: ${TOY_DIR_ENV}, else outputs/toy in the repository)."
+TOY_DIR_HELP = f"Where the toy world is built and cached: ${TOY_DIR_ENV} if set, else outputs/toy in the repository."
 
 
 def default_toy_dir() -> str:
