@@ -6,7 +6,6 @@ import time
 
 import pytest
 
-from conftest import ROOT
 from data import HubUnavailable, UserError, load_problems, looks_local
 from test_train_cli import assert_one_line_error, run_train
 
