@@ -11,9 +11,11 @@ list of acceptable answers), `prompt_id` (a stable hash of the problem, used by 
 ledger) and `prompt` (chat messages built by `build_messages`, the one place prompts are made).
 """
 
+import functools
 import hashlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -25,10 +27,16 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 DEFAULT_PROMPT_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
 LOCAL_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+LOCAL_SUFFIXES = (*LOCAL_FORMATS, ".gguf")
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")  # `name` or `org/name`
 
 
 class UserError(Exception):
     """Bad input from the user: reported as one line with exit code 2, without a traceback."""
+
+
+class HubUnavailable(UserError):
+    """A hub id that could not be fetched: no network, offline mode without a cached copy, or no such repository."""
 
 
 def run_cli(main, *args):
@@ -83,6 +91,63 @@ def check_options(parser, args: list[str] | None = None, recipe: dict | None = N
     return args
 
 
+# ----------------------------------------------------------------------------------------------
+# Local paths and the hub: what a name means, and fast errors when it cannot be had
+# ----------------------------------------------------------------------------------------------
+
+
+def looks_local(name: str) -> bool:
+    """A name only a local path can mean: ./, ../, /, ~, a file suffix, or a path no hub id has the shape of."""
+    return (
+        name.startswith(("./", "../", "/", "~", ".\\", "..\\"))
+        or os.path.isabs(name)
+        or name.lower().endswith(LOCAL_SUFFIXES)
+        or ((os.sep in name or "/" in name) and not HUB_ID.fullmatch(name))
+    )
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or HF_DATASETS_OFFLINE) is set: the libraries read their cache only."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get(name, "").lower() in ("1", "true", "yes", "on") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return constants.HF_HUB_OFFLINE or any(flags)
+
+
+@functools.cache
+def hub_unreachable(endpoint: str) -> str | None:
+    """Why `endpoint` cannot be reached (None when it answers), asked once per process. huggingface_hub
+    retries a failed connection five times over about 25 s per file, so a run without network would
+    otherwise wait a minute before its error."""
+    import httpx
+    from huggingface_hub import constants, get_session
+
+    try:
+        get_session().head(endpoint, timeout=constants.HF_HUB_ETAG_TIMEOUT, follow_redirects=False)
+    except httpx.HTTPError as error:
+        return (str(error).strip() or type(error).__name__).splitlines()[0]
+    return None
+
+
+def check_source(name: str, kind: str) -> None:
+    """Fail at once, in one line, when `name` (a `kind`: "model directory", "dataset file") cannot be had:
+    a local-looking path that does not exist, or a hub id while the hub cannot be reached."""
+    if Path(name).expanduser().exists():
+        return
+    if looks_local(name):
+        raise UserError(f"no such {kind}: {name}")
+    if hub_offline():  # the libraries read the cache and say what it lacks
+        return
+    from huggingface_hub import constants
+
+    reason = hub_unreachable(constants.ENDPOINT)
+    if reason is not None:
+        raise HubUnavailable(
+            f"no local path '{name}', and the hub cannot be reached to fetch it ({constants.ENDPOINT}: {reason}): "
+            "without network, set HF_HUB_OFFLINE=1 to use the Hugging Face cache, or pass a local path"
+        )
+
+
 def build_messages(problem: str, prompt_suffix: str = DEFAULT_PROMPT_SUFFIX, system_prompt: str | None = None):
     """The chat messages for one problem: the user turn is the problem followed by the suffix."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -104,8 +169,8 @@ def prompt_id(problem: str) -> str:
 def _load_raw(source: str, split: str):
     from datasets import load_dataset
 
-    path = Path(source)
-    if path.suffix.lower() in LOCAL_FORMATS or path.exists():
+    path = Path(source).expanduser()
+    if looks_local(source) or path.exists():
         if not path.exists():
             raise UserError(f"no such dataset file: {source} (give a local .parquet/.jsonl/.json/.csv file or a hub id)")
         if path.suffix.lower() not in LOCAL_FORMATS:
@@ -124,11 +189,13 @@ def _load_raw(source: str, split: str):
             return load_dataset(LOCAL_FORMATS[path.suffix.lower()], data_files=str(path), split="train")
         except Exception as error:  # datasets raises many kinds for a file it cannot read (0-row parquet included)
             raise UserError(f"could not read {source} as {LOCAL_FORMATS[path.suffix.lower()]} ({type(error).__name__}): is it empty or damaged?") from error
+    check_source(source, "dataset file")
     try:
         return load_dataset(source, split=split)
     except Exception as error:  # the hub raises many kinds; all mean "could not get it"
-        raise UserError(
-            f"could not load dataset '{source}' from the hub ({type(error).__name__}); "
+        offline = " while HF_HUB_OFFLINE is set (is it in the cache?)" if hub_offline() else ""
+        raise HubUnavailable(
+            f"could not load dataset '{source}' from the hub{offline} ({type(error).__name__}); "
             "pass a local .parquet/.jsonl/.json/.csv file instead"
         ) from error
 
@@ -161,8 +228,10 @@ def load_problems(
     answer_column: str = "answer",
     prompt_suffix: str = DEFAULT_PROMPT_SUFFIX,
     system_prompt: str | None = None,
+    column_options: str = "--problem_column / --answer_column",
 ):
-    """Load a problem set from a local file or the hub and normalise it (see the module docstring)."""
+    """Load a problem set from a local file or the hub and normalise it (see the module docstring).
+    `column_options`: the options that set the columns, named when the set lacks them."""
     dataset = _load_raw(source, split)
     if len(dataset) == 0:
         raise UserError(f"{source} has no rows")
@@ -172,7 +241,7 @@ def load_problems(
     if not (has_problem and has_answer):
         raise UserError(
             f"{source} has columns {sorted(columns)}; expected '{problem_column}' and '{answer_column}' "
-            "(or verl's 'prompt' and 'reward_model'): set --problem_column / --answer_column"
+            f"(or verl's 'prompt' and 'reward_model'): set {column_options}"
         )
 
     def normalise(row):

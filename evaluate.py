@@ -33,7 +33,6 @@ sample the chunks in turn and the main process writes what one process would (pr
 import hashlib
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -43,7 +42,8 @@ from pathlib import Path
 from typing import Literal
 
 import generation
-from data import DEFAULT_PROMPT_SUFFIX, UserError, check_options, load_problems, prompt_token_ids, run_cli
+from data import DEFAULT_PROMPT_SUFFIX, HubUnavailable, UserError, check_options, hub_offline, load_problems, prompt_token_ids, run_cli
+from toy import TOY_DIR_HELP, default_toy_dir
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class EvalArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM: fraction of GPU memory to use."})
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs per model."})
-    toy_dir: str = field(default="outputs/toy", metadata={"help": "Where the toy world is built and cached."})
+    toy_dir: str = field(default_factory=default_toy_dir, metadata={"help": TOY_DIR_HELP})
 
 
 @dataclass
@@ -239,10 +239,6 @@ def benchmark_metrics(problems: list[list[dict]], ngram_unit: str = "word") -> d
 # ----------------------------------------------------------------------------------------------
 
 
-def _hub_offline() -> bool:
-    return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def benchmark_specs(args: EvalArguments) -> list[tuple[str, str, dict, int]]:
     """(name, source, load_problems keyword arguments, samples per problem) for each set to evaluate."""
     names = [n.strip() for n in (args.benchmarks or "").split(",") if n.strip()]
@@ -276,11 +272,15 @@ def load_benchmark(name: str, source: str, columns: dict, num_samples: int, args
     is_hub = name in BENCHMARKS and source == BENCHMARKS[name].dataset
     try:
         dataset = load_problems(source, prompt_suffix=args.prompt_suffix, system_prompt=args.system_prompt, **columns)
-    except UserError as error:
-        if not is_hub or not str(error).startswith("could not load dataset"):
+    except HubUnavailable as error:
+        if not is_hub:
             raise
-        cause = type(error.__cause__).__name__ if error.__cause__ else "no answer"
-        why = "the hub is offline (HF_HUB_OFFLINE is set)" if _hub_offline() else f"it could not be downloaded ({cause})"
+        if hub_offline():
+            why = "the hub is offline (HF_HUB_OFFLINE is set)"
+        elif error.__cause__ is None:  # data.check_source: no answer from the hub at all
+            why = "the hub cannot be reached (without network, HF_HUB_OFFLINE=1 reads the Hugging Face cache)"
+        else:
+            why = f"it could not be downloaded ({type(error.__cause__).__name__})"
         raise UserError(
             f"benchmark '{name}' comes from the hub dataset {source}, but {why}: "
             f"pass a local copy instead, e.g. --data path/to/{name}.parquet"

@@ -46,6 +46,7 @@ from typing import Literal
 
 import generation
 from data import DEFAULT_PROMPT_SUFFIX, UserError, check_options, load_problems, prompt_token_ids, run_cli
+from toy import TOY_DIR_HELP, default_toy_dir
 
 
 OUTPUT_FORMATS = (".parquet", ".jsonl", ".json")
@@ -92,7 +93,7 @@ class FilterArguments:
     answer_column: str = field(default="answer", metadata={"help": "Column holding the gold answer."})
     prompt_suffix: str = field(default=DEFAULT_PROMPT_SUFFIX, metadata={"help": "Appended to every problem (as in train_grpo.py)."})
     system_prompt: str | None = field(default=None, metadata={"help": "Optional system message (as in train_grpo.py)."})
-    toy_dir: str = field(default="outputs/toy", metadata={"help": "Where the toy world is built and cached."})
+    toy_dir: str = field(default_factory=default_toy_dir, metadata={"help": TOY_DIR_HELP})
 
 
 def parse_args(args: list[str] | None = None) -> FilterArguments:
@@ -359,13 +360,11 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot_difficulty(rows: list[dict], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook's plotting backend stays as it is
 
     labels = [r["difficulty"] for r in rows]
-    figure, axis = plt.subplots(figsize=(7, 3.8))
+    figure = Figure(figsize=(7, 3.8))
+    axis = figure.subplots()
     axis.bar(labels, [r["problems"] for r in rows], color="#c8c8c8", label="before filtering")
     axis.bar(labels, [r["kept"] for r in rows], color="#3b75af", width=0.55, label="kept")
     for x, r in enumerate(rows):
@@ -376,7 +375,6 @@ def plot_difficulty(rows: list[dict], path: Path, title: str) -> Path:
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
     return path
 
 

@@ -30,7 +30,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from data import UserError, prompt_token_ids
+from data import HubUnavailable, UserError, check_source, hub_offline, looks_local, prompt_token_ids
 
 
 TOY_NAME = "toy"  # model or dataset name that means "the offline toy world built by toy.py"
@@ -103,12 +103,13 @@ def _weights_source(model: str, gguf_file: str | None) -> tuple[str, str | None]
 
 
 def _load_error(model_name: str, error: Exception):
-    looks_like_path = Path(model_name).is_absolute() or model_name.startswith((".", "~")) or model_name.count("/") > 1
-    if looks_like_path and not Path(model_name).expanduser().exists():  # a hub id is `name` or `org/name`
+    if looks_local(model_name) and not Path(model_name).expanduser().exists():
         return UserError(f"no such model directory: {model_name}")
     reason = (str(error).strip() or type(error).__name__).splitlines()[0]
     if "gguf" in reason.lower() and "pip install" in reason.lower():
         reason = "loading a GGUF file needs the gguf package: pip install -r requirements.txt"
+    elif hub_offline() and not Path(model_name).expanduser().exists():
+        return HubUnavailable(f"model '{model_name}' is not in the Hugging Face cache and HF_HUB_OFFLINE is set: download it once with network, or pass a local directory")
     return UserError(
         f"could not load model '{model_name}': {reason} (give a local model directory, a GGUF file, or a hub id that is downloadable or already cached)"
     )
@@ -116,6 +117,7 @@ def _load_error(model_name: str, error: Exception):
 
 def _from_pretrained(loader, model: str, gguf_file: str | None, **kwargs):
     """`loader.from_pretrained`, with a bad name or missing files as one `UserError` line."""
+    check_source(model, "model directory")  # a mistyped path, or no network, fails here at once
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     try:
@@ -311,6 +313,7 @@ def load_vllm(
         ) from None
     name, gguf = split_gguf(model, gguf_file)
     path = str(Path(name) / gguf) if gguf else name
+    check_source(name, "model directory")
     try:
         return LLM(model=path, dtype=dtype, seed=seed, max_model_len=max_model_len, trust_remote_code=trust_remote_code, **llm_kwargs)
     except (OSError, ValueError) as error:

@@ -11,17 +11,21 @@ import textwrap
 from dataclasses import dataclass, field
 
 from data import DEFAULT_PROMPT_SUFFIX
+from toy import TOY_DIR_HELP, default_toy_dir
 
 
 @dataclass
 class ScriptOptions:
     """Data, rewards and the before/after measurement."""
 
+    problem_column: str = field(default="problem", metadata={"help": "Column of the training set holding the question."})
+    answer_column: str = field(default="answer", metadata={"help": "Column of the training set holding the gold answer."})
     eval_dataset_name: str | None = field(
         default=None, metadata={"help": "Held-out problems measured before and after training (hub id, file or `toy`)."}
     )
-    problem_column: str = field(default="problem", metadata={"help": "Column holding the question."})
-    answer_column: str = field(default="answer", metadata={"help": "Column holding the gold answer."})
+    # The held-out set is usually another source than the training set (a benchmark), so it has its own columns.
+    eval_problem_column: str = field(default="problem", metadata={"help": "Column of the held-out set holding the question."})
+    eval_answer_column: str = field(default="answer", metadata={"help": "Column of the held-out set holding the gold answer."})
     prompt_suffix: str = field(default=DEFAULT_PROMPT_SUFFIX, metadata={"help": "Appended to every problem."})
     system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
     max_prompt_length: int | None = field(
@@ -33,7 +37,7 @@ class ScriptOptions:
     )
     eval_num_samples: int = field(default=4, metadata={"help": "Samples per held-out problem (avg@k)."})
     eval_max_problems: int | None = field(default=200, metadata={"help": "Measure on at most this many problems."})
-    toy_dir: str = field(default="outputs/toy", metadata={"help": "Where the toy world is built and cached."})
+    toy_dir: str = field(default_factory=default_toy_dir, metadata={"help": TOY_DIR_HELP})
     plan: bool = field(
         default=False,
         metadata={"help": "Print the estimated peak GPU memory by part and whether it fits, then exit without loading weights (memory_planner.py)."},

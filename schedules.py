@@ -707,10 +707,7 @@ def format_sweep_table(rows: list[dict], recommended: float | None) -> str:
 def write_sweep_report(rows: list[dict], recommended: float | None, output_dir, rule: str | None = None) -> tuple[Path, Path]:
     """Write `temperature_sweep.json` and `temperature_sweep.png` (accuracy with standard-error bars
     and diversity against temperature, the recommendation marked) into `output_dir`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook's plotting backend stays as it is
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -720,7 +717,8 @@ def write_sweep_report(rows: list[dict], recommended: float | None, output_dir, 
     json_path.write_text(json.dumps(report, indent=2))
 
     temperatures = [row["temperature"] for row in rows]
-    figure, accuracy_axis = plt.subplots(figsize=(6.5, 4))
+    figure = Figure(figsize=(6.5, 4))
+    accuracy_axis = figure.subplots()
     accuracy_axis.errorbar(
         temperatures, [row["accuracy"] for row in rows], yerr=[row.get("accuracy_stderr") or 0.0 for row in rows],
         marker="o", capsize=3, color="tab:blue", label="accuracy (avg@n ± s.e.)",
@@ -738,5 +736,4 @@ def write_sweep_report(rows: list[dict], recommended: float | None, output_dir, 
     figure.tight_layout()
     png_path = output_dir / SWEEP_PNG
     figure.savefig(png_path, dpi=100)
-    plt.close(figure)
     return json_path, png_path

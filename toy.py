@@ -8,7 +8,7 @@ tested on a laptop CPU:
 - a tiny Qwen3-architecture model given a short supervised warm start, so that it writes
   `<think>...</think>` then `\\boxed{N}` and solves some problems always, some sometimes and some never.
 
-    python toy.py --output_dir outputs/toy
+    python toy.py    # into outputs/toy in the repository, or --output_dir DIR
 
 writes `model/` (model + tokenizer, loadable with `AutoModelForCausalLM` / `AutoTokenizer`),
 `train.jsonl`, `test.jsonl` and `recipe.json` into the output directory. A second call with the same
@@ -18,6 +18,7 @@ recipe reuses what is there (the recipe hash is stored in `recipe.json`).
 import hashlib
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,13 +28,21 @@ from data import DEFAULT_PROMPT_SUFFIX, build_messages
 
 
 TOY_RECIPE_VERSION = 2  # bump when the generator or the warm start changes meaning
+TOY_DIR_ENV = "POLARIS_TOY_DIR"
+TOY_DIR_HELP = f"Where the toy world is built and cached: ${TOY_DIR_ENV} if set, else outputs/toy in the repository."
+
+
+def default_toy_dir() -> str:
+    """One toy world per clone, whatever the current directory (a notebook in notebooks/ finds the one the
+    demo built); $POLARIS_TOY_DIR moves it."""
+    return os.environ.get(TOY_DIR_ENV) or str(Path(__file__).resolve().parent / "outputs" / "toy")
 
 
 @dataclass
 class ToyArguments:
     """Arguments of `toy.py`."""
 
-    output_dir: str = field(default="outputs/toy", metadata={"help": "Where the toy model and data are written."})
+    output_dir: str = field(default_factory=default_toy_dir, metadata={"help": TOY_DIR_HELP})
     seed: int = field(default=0, metadata={"help": "Seed for data, initialisation and warm start."})
     num_train: int = field(default=2000, metadata={"help": "Number of toy RL training problems."})
     num_test: int = field(default=200, metadata={"help": "Number of held-out toy problems."})

@@ -50,8 +50,10 @@ class PolarisConfig(PolarisOptions, GRPOConfig):
     def __post_init__(self):
         import torch
 
-        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
-            self.activation_checkpointing = True  # TRL's default, under transformers 5's name (options.py)
+        if self.activation_checkpointing is None:  # TRL's default (on), under the new name (options.py)
+            self.activation_checkpointing = True if self.gradient_checkpointing is None else self.gradient_checkpointing
+        if self.gradient_checkpointing is None:
+            self.gradient_checkpointing = self.activation_checkpointing  # the name transformers 5.17's Trainer reads
 
         # TRL defaults bf16 to True, which fails on machines without bfloat16: choose it here instead.
         has_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -277,10 +279,11 @@ def load_eval_problems(script_args: ScriptArguments):
     dataset = load_problems(
         script_args.eval_dataset_name,
         split=script_args.dataset_test_split,
-        problem_column=script_args.problem_column,
-        answer_column=script_args.answer_column,
+        problem_column=script_args.eval_problem_column,
+        answer_column=script_args.eval_answer_column,
         prompt_suffix=script_args.prompt_suffix,
         system_prompt=script_args.system_prompt,
+        column_options="--eval_problem_column / --eval_answer_column",
     )
     if script_args.eval_max_problems:
         dataset = dataset.select(range(min(len(dataset), script_args.eval_max_problems)))
@@ -317,10 +320,7 @@ def plot_learning_curve(log_history: list[dict], path: Path, stage_starts: list[
     """Rewards and the informative fraction per logged step: of what the model sampled and, after batch
     repair, of what it trained on (TRL's `reward` and `frac_reward_zero_std` describe the batch before it).
     Stage boundaries are marked with what started them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook's plotting backend stays as it is
 
     rows = [row for row in log_history if "reward" in row]
     if not rows:
@@ -330,7 +330,8 @@ def plot_learning_curve(log_history: list[dict], path: Path, stage_starts: list[
     def series(key, transform=lambda value: value):
         return [transform(row[key]) if row.get(key) is not None else None for row in rows]
 
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure = Figure(figsize=(6, 3.5))
+    axis = figure.subplots()
     if any("trained/reward" in row for row in rows):
         axis.plot(steps, series("sampled/reward"), marker="o", label="mean reward, sampled")
         axis.plot(steps, series("trained/reward"), marker=".", label="mean reward, trained")
@@ -351,7 +352,6 @@ def plot_learning_curve(log_history: list[dict], path: Path, stage_starts: list[
     axis.set_title("Training rewards")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
     return path
 
 

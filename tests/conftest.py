@@ -25,6 +25,12 @@ def shared_dir() -> Path:
     return path
 
 
+# Hub datasets that ../shared holds a copy of (its README): a test reads the copy where a user's run downloads.
+SHARED_COPIES = {
+    "HuggingFaceH4/MATH-500": "benchmarks/math500.json",
+}
+
+
 @pytest.fixture(scope="session")
 def toy_world() -> Path:
     """The default toy world (model, tokenizer, train/test data), built once and cached on disk."""

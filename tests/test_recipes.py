@@ -6,11 +6,12 @@ import re
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, SHARED_COPIES
 
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 POLARIS_RECIPES = {"polaris-4b.yaml", "polaris-7b.yaml"}
+CONSUMER_RECIPES = [recipe for recipe in RECIPES if recipe.name not in POLARIS_RECIPES | {"demo.yaml"}]
 ACCELERATE_CONFIGS = sorted((ROOT / "accelerate").glob("*.yaml"))
 
 
@@ -25,10 +26,10 @@ def header_numbers(recipe):
 @pytest.fixture
 def offline_hub(monkeypatch, tmp_path):
     """No network and an empty Hugging Face cache: model shapes come from the built-in table."""
-    import huggingface_hub
+    from huggingface_hub import constants  # a submodule: `import huggingface_hub` alone may not have loaded it
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
 
 
 def test_the_expected_recipes_exist():
@@ -52,6 +53,29 @@ def test_recipe_parses(recipe):
     assert len(training_args.stages) == 3
     if model_args.load_in_4bit:
         assert model_args.use_peft and not training_args.use_vllm
+
+
+@pytest.mark.parametrize("recipe", CONSUMER_RECIPES, ids=[r.name for r in CONSUMER_RECIPES])
+def test_consumer_recipe_measures_on_a_held_out_benchmark(recipe, shared_dir):
+    """A hub benchmark evaluate.py knows, read with its split and columns; the tests' offline copy of it
+    loads through the same options, limited to the recipe's number of problems."""
+    import evaluate
+    from train_grpo import load_eval_problems, parse_args
+
+    script_args, _, _ = parse_args(["--config", str(recipe)])
+    hub_id = script_args.eval_dataset_name
+    benchmark = next((b for b in evaluate.BENCHMARKS.values() if b.dataset == hub_id), None)
+    assert benchmark is not None, f"{recipe.name}: eval_dataset_name {hub_id!r} is not one of evaluate.BENCHMARKS"
+    assert (script_args.dataset_test_split, script_args.eval_problem_column, script_args.eval_answer_column) == (
+        benchmark.split, benchmark.problem_column, benchmark.answer_column,
+    )  # fmt: skip
+    assert 0 < script_args.eval_max_problems <= 200 and script_args.eval_num_samples >= 1  # a small sample
+    assert hub_id in SHARED_COPIES, f"no offline copy of {hub_id} in ../shared for the tests"
+    offline = str(shared_dir / SHARED_COPIES[hub_id])
+    script_args, _, _ = parse_args(["--config", str(recipe), "--eval_dataset_name", offline])
+    problems = load_eval_problems(script_args)
+    assert len(problems) == script_args.eval_max_problems
+    assert all(problems["problem"]) and all(answer is not None for answer in problems["answer"])
 
 
 @pytest.mark.parametrize(

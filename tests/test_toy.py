@@ -98,3 +98,22 @@ def test_warm_started_model_is_partly_able(toy_world):
     assert counts[0] and counts[8] >= 5 and len(counts) >= 8, counts  # easy, hard and in between
     texts = [s.text for group in samples for s in group]
     assert sum(t.startswith("<think>") and "</think>" in t for t in texts) > 0.9 * len(texts)
+
+
+def test_one_toy_world_per_clone_whatever_the_current_directory(tmp_path, monkeypatch):
+    """The scripts' default --toy_dir is outputs/toy in the repository, from any directory (a notebook in
+    notebooks/ finds the world the demo built); $POLARIS_TOY_DIR moves it."""
+    import evaluate
+    import filter_data
+    from conftest import ROOT
+    from train_grpo import parse_args
+
+    monkeypatch.delenv(toy.TOY_DIR_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    expected = str(ROOT / "outputs" / "toy")
+    assert parse_args(["--model_name_or_path", "toy", "--output_dir", "o"])[0].toy_dir == expected
+    assert evaluate.EvalArguments(model="toy").toy_dir == expected
+    assert filter_data.FilterArguments(model="toy", dataset="toy").toy_dir == expected
+    assert toy.ToyArguments().output_dir == expected
+    monkeypatch.setenv(toy.TOY_DIR_ENV, str(tmp_path / "elsewhere"))
+    assert toy.ToyArguments().output_dir == parse_args(["--output_dir", "o"])[0].toy_dir == str(tmp_path / "elsewhere")

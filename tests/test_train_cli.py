@@ -8,10 +8,11 @@ import sys
 import pytest
 
 from conftest import ROOT
+from data import UserError
 
 
-def run_train(*args, cwd=ROOT, timeout=600, show_warnings=False):
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONWARNINGS"}
+def run_train(*args, cwd=ROOT, timeout=600, show_warnings=False, env=None):
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONWARNINGS"} | (env or {})
     if not show_warnings:
         env["PYTHONWARNINGS"] = "ignore"
     return subprocess.run(
@@ -58,6 +59,33 @@ def test_missing_columns(toy_world, tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"question": "1+1?", "gold": "2"}) + "\n")
     result = run_train("--model_name_or_path", str(toy_world / "model"), "--dataset_name", str(tmp_path / "d.jsonl"), "--output_dir", str(tmp_path / "o"))
     assert_one_line_error(result, "--problem_column")
+
+
+def test_held_out_set_has_its_own_columns(toy_world, tmp_path):
+    """--problem_column / --answer_column rename the training set's columns only: the demo's held-out set (toy
+    test.jsonl, `problem`/`answer`) keeps its own, and --eval_problem_column / --eval_answer_column rename those."""
+    from generation import load_tokenizer, resolve_toy
+    from train_grpo import load_eval_problems, load_training_data, parse_args
+
+    rows = [{"question": f"What is {a} + {a}?", "solution": str(2 * a)} for a in range(5)]
+    (tmp_path / "mydata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    script_args, _, _ = parse_args([
+        "--config", str(ROOT / "recipes" / "demo.yaml"), "--toy_dir", str(toy_world), "--dataset_name", str(tmp_path / "mydata.jsonl"),
+        "--problem_column", "question", "--answer_column", "solution", "--eval_max_problems", "3",
+    ])  # fmt: skip
+    script_args.eval_dataset_name = resolve_toy(script_args.eval_dataset_name, script_args.toy_dir, "test")
+    assert script_args.eval_dataset_name == str(toy_world / "test.jsonl")
+    train = load_training_data(script_args, load_tokenizer(str(toy_world / "model")))
+    assert train["problem"] == [row["question"] for row in rows] and train["answer"] == [row["solution"] for row in rows]
+    held_out = load_eval_problems(script_args)
+    test_rows = [json.loads(line) for line in (toy_world / "test.jsonl").read_text().splitlines()[:3]]
+    assert held_out["problem"] == [row["problem"] for row in test_rows]
+
+    script_args.eval_dataset_name = str(tmp_path / "mydata.jsonl")
+    with pytest.raises(UserError, match="expected 'problem' and 'answer'.*set --eval_problem_column / --eval_answer_column"):
+        load_eval_problems(script_args)
+    script_args.eval_problem_column, script_args.eval_answer_column = "question", "solution"
+    assert load_eval_problems(script_args)["answer"] == ["0", "2", "4"]
 
 
 def test_empty_dataset_after_prompt_filter(toy_world, tmp_path):
@@ -190,12 +218,15 @@ def test_no_deprecation_warnings_from_our_defaults_and_recipes():
 
     from train_grpo import parse_args
 
-    for recipe in [[]] + [["--config", str(path)] for path in sorted((ROOT / "recipes").glob("*.yaml"))]:
+    for recipe in [["--output_dir", "x"]] + [["--config", str(path)] for path in sorted((ROOT / "recipes").glob("*.yaml"))]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             _, training_args, _ = parse_args(recipe)
         assert not [w for w in caught if issubclass(w.category, FutureWarning)], (recipe, [str(w.message) for w in caught])
-        assert training_args.activation_checkpointing and training_args.gradient_checkpointing  # still on by default
+        # On by default, under both names (transformers 5.17's Trainer reads `gradient_checkpointing`); the demo's
+        # toy model turns it off.
+        checkpointing = not recipe[-1].endswith("demo.yaml")
+        assert training_args.activation_checkpointing == training_args.gradient_checkpointing == checkpointing, recipe
     with warnings.catch_warnings(record=True):
         _, training_args, _ = parse_args(["--gradient_checkpointing", "false", "--output_dir", "x"])  # the old name still works
     assert training_args.activation_checkpointing is False
