@@ -656,6 +656,19 @@ def make_parser():
     return TrlParser((ScriptArguments, PolarisConfig, PolarisModelConfig), allow_abbrev=False)
 
 
+DEMO_OPTIONS = ("--seed",)  # `python train_grpo.py --seed 3`: the demo with another seed
+
+
+def demo_arguments(args: list[str]) -> bool:
+    """No arguments, or only one of `DEMO_OPTIONS` with its value: the command runs the demo recipe."""
+    if len(args) == 2:
+        return args[0] in DEMO_OPTIONS
+    if len(args) == 1:
+        option, equals, _ = args[0].partition("=")
+        return bool(equals) and option in DEMO_OPTIONS
+    return not args
+
+
 def parse_args(args: list[str] | None = None):
     """Parse the command line (and `--config`); no arguments at all means the demo recipe."""
     import yaml
@@ -663,9 +676,10 @@ def parse_args(args: list[str] | None = None):
     args = list(sys.argv[1:] if args is None else args)
     print_short_help_and_exit(args)
     args = ["--help" if arg == "--help-all" else arg for arg in args]  # TRL's full list
-    if not args:
-        print(f"No arguments: running the demo recipe {DEMO_RECIPE.relative_to(Path.cwd()) if DEMO_RECIPE.is_relative_to(Path.cwd()) else DEMO_RECIPE}")
-        args = ["--config", str(DEMO_RECIPE)]
+    if demo_arguments(args):
+        shown = DEMO_RECIPE.relative_to(Path.cwd()) if DEMO_RECIPE.is_relative_to(Path.cwd()) else DEMO_RECIPE
+        print(f"{'No arguments' if not args else 'Only ' + ' '.join(args)}: running the demo recipe {shown}")
+        args = ["--config", str(DEMO_RECIPE), *args]
     if "--config" in args:
         config_path = Path(args[args.index("--config") + 1]) if args.index("--config") + 1 < len(args) else None
         if config_path is None or not config_path.is_file():

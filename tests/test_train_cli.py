@@ -40,6 +40,17 @@ def test_no_arguments_means_the_demo_recipe():
     assert training_args.use_cpu and not training_args.bf16  # no GPU here: chosen automatically
 
 
+def test_seed_alone_means_the_demo_recipe_with_that_seed():
+    from train_grpo import parse_args
+
+    for args in (["--seed", "3"], ["--seed=3"]):
+        script_args, training_args, model_args = parse_args(args)
+        assert model_args.model_name_or_path == "toy" and training_args.seed == 3
+        assert training_args.output_dir == "outputs/demo"
+    _, training_args, model_args = parse_args(["--seed", "3", "--output_dir", "x"])  # more than a seed: no recipe
+    assert model_args.model_name_or_path is None
+
+
 def test_polaris_defaults_without_a_recipe():
     from train_grpo import parse_args
 
