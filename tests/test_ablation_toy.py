@@ -98,14 +98,14 @@ def test_measurement_error_is_of_per_problem_paired_differences():
 def fake_run(accuracy: float, per_problem: dict) -> dict:
     return {"accuracy": accuracy, "per_problem": per_problem, "generated_tokens": 1000, "informative_fraction_trained": 0.8,
             "informative_fraction_generated": 0.6, "truncated_fraction": 0.01, "train_cpu_seconds": 10.0, "train_seconds": 12.0,
-            "training_reward": 0.5}  # fmt: skip
+            "training_reward": 0.5, "batch_repair": {"groups": 10, "groups_rescued": 1, "groups_substituted": 2}}  # fmt: skip
 
 
 def test_compare_arms_pairs_by_seed_and_skips_unpaired_seeds():
     runs = {
-        "0": {"polaris": fake_run(0.50, {"p": 0.5}), "justrl": fake_run(0.45, {"p": 0.45})},
-        "1": {"polaris": fake_run(0.60, {"p": 0.6}), "justrl": fake_run(0.58, {"p": 0.58})},
-        "2": {"justrl": fake_run(0.99, {"p": 0.99})},  # its full-recipe run is missing: not paired
+        "0": {"polaris": fake_run(0.50, {"p": 0.5, "q": 0.5}), "justrl": fake_run(0.45, {"p": 0.45, "q": 0.45})},
+        "1": {"polaris": fake_run(0.60, {"p": 0.6, "q": 0.6}), "justrl": fake_run(0.58, {"p": 0.58, "q": 0.58})},
+        "2": {"justrl": fake_run(0.99, {"p": 0.99, "q": 0.99})},  # its full-recipe run is missing: not paired
     }
     table = ablation_toy.compare_arms(runs, ["polaris", "justrl"])
     assert table["justrl"]["seeds"] == ["0", "1"]
@@ -114,6 +114,7 @@ def test_compare_arms_pairs_by_seed_and_skips_unpaired_seeds():
     assert table["polaris"]["difference"] is None
     markdown = ablation_toy.format_table(table, before=0.4)
     assert "| justrl | 0.515 | -0.035 [" in markdown and "0.400" in markdown
+    assert "Evaluation standard error of a paired difference: 0.0000" in markdown
 
 
 def test_resume_skips_finished_runs_with_the_same_settings(tmp_path):
