@@ -328,7 +328,7 @@ def plot_learning_curve(log_history: list[dict], path: Path, stage_starts: list[
     axis.set_xlabel("step")
     axis.set_ylim(-0.02, 1.02)
     axis.legend(fontsize="small")
-    axis.set_title("Training rewards")
+    axis.set_title("Training rewards" + (" and held-out accuracy" if accuracy_before is not None and accuracy_after is not None else ""))
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -341,9 +341,10 @@ def write_summary(output_dir: Path, summary: dict):
 
 
 def training_trend(log_history: list[dict]) -> dict:
-    """Mean training reward of the first and the last fifth of the logged steps, and the informative fraction
-    of the groups trained on over the run (after batch repair; TRL's own keys when nothing was repaired)."""
-    rows = [row for row in log_history if row.get("trained/reward", row.get("reward")) is not None]
+    """Mean reward of the model's own rollouts over the first and the last fifth of the logged steps (before
+    batch repair, which raises the trained batch's), and the informative fraction of the groups trained on
+    over the run (after batch repair; TRL's own keys when nothing was repaired)."""
+    rows = [row for row in log_history if row.get("sampled/reward", row.get("reward")) is not None]
     if not rows:
         return {}
     fifth = max(1, len(rows) // 5)
@@ -352,7 +353,7 @@ def training_trend(log_history: list[dict]) -> dict:
         values = [value for value in values if value is not None]
         return sum(values) / len(values) if values else None
 
-    rewards = [row.get("trained/reward", row.get("reward")) for row in rows]
+    rewards = [row.get("sampled/reward", row.get("reward")) for row in rows]
     zero_std = [row.get("trained/frac_reward_zero_std", row.get("frac_reward_zero_std")) for row in rows]
     informative = mean([1.0 - value for value in zero_std if value is not None])
     return {"reward_first": mean(rewards[:fifth]), "reward_last": mean(rewards[-fifth:]), "informative_trained": informative}
@@ -366,7 +367,7 @@ def print_report(summary: dict, output_dir: Path, is_demo: bool):
         print(f"{label:<28}{summary['accuracy_before']:>10.3f}{summary['accuracy_after']:>10.3f}   ({summary['accuracy_after'] - summary['accuracy_before']:+.3f})")
     trend = summary.get("training", {})
     if trend.get("reward_first") is not None:
-        print(f"{'training reward':<28}{trend['reward_first']:>10.3f}{trend['reward_last']:>10.3f}   (first / last fifth of steps)")
+        print(f"{'training reward, sampled':<28}{trend['reward_first']:>10.3f}{trend['reward_last']:>10.3f}   (first / last fifth of steps)")
     if trend.get("informative_trained") is not None:
         print(f"{'informative groups trained':<28}{trend['informative_trained']:>20.2f}   (mean over steps)")
     for start in summary.get("stages", []):
