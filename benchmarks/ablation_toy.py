@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -285,6 +286,7 @@ def run_arm(arm: str, seed: int, recipe: dict, args: AblationArguments, heldout:
     from train_grpo import PolarisGRPOTrainer, main
 
     run_dir = Path(args.output_dir) / f"{arm}-seed{seed}"
+    shutil.rmtree(run_dir / "heldout_eval", ignore_errors=True)  # samples of an interrupted run's model: it is trained again
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe_path = run_dir / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
