@@ -206,7 +206,10 @@ def test_no_deprecation_warnings_from_our_defaults_and_recipes():
             warnings.simplefilter("always")
             _, training_args, _ = parse_args(recipe)
         assert not [w for w in caught if issubclass(w.category, FutureWarning)], (recipe, [str(w.message) for w in caught])
-        assert training_args.activation_checkpointing and training_args.gradient_checkpointing  # still on by default
+        if recipe == [] or recipe[-1].endswith("demo.yaml"):  # the demo turns it off: the toy model's activations are tiny
+            assert training_args.activation_checkpointing is False
+        else:
+            assert training_args.activation_checkpointing and training_args.gradient_checkpointing  # still on by default
     with warnings.catch_warnings(record=True):
         _, training_args, _ = parse_args(["--gradient_checkpointing", "false", "--output_dir", "x"])  # the old name still works
     assert training_args.activation_checkpointing is False
