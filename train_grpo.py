@@ -371,7 +371,7 @@ def print_report(summary: dict, output_dir: Path, is_demo: bool):
     if trend.get("informative_trained") is not None:
         print(f"{'informative groups trained':<28}{trend['informative_trained']:>20.2f}   (mean over steps)")
     for start in summary.get("stages", []):
-        print(f"stage {start['stage']} from step {start['step']}: {start['reason']}")
+        print(f"stage {start['stage']} from step {start['step']}" + (f": {start['reason']}" if start["stage"] > 1 else ""))
     print(f"steps: {summary['steps']}   time: {summary['seconds']:.0f} s")
     print(f"outputs: {output_dir}/ (model, trainer_state.json, summary.json, learning_curve.png)")
     if is_demo:
