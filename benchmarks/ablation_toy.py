@@ -432,7 +432,7 @@ def plot_differences(table: dict, path: Path) -> Path | None:
     axis.set_yticks(range(len(rows)), [arm for arm, _ in rows])
     axis.invert_yaxis()
     seeds = max(d["n"] for _, d in rows)
-    axis.set_xlabel(f"held-out accuracy minus the full recipe's (paired over {seeds} seed(s), 95% interval)")
+    axis.set_xlabel(f"held-out accuracy minus the full recipe's\n(paired over {seeds} seed(s); line: 95% interval)")
     axis.set_title("Toy-world ablation")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
