@@ -382,8 +382,8 @@ def format_table(table: dict, before: float | None) -> str:
     """A Markdown table: accuracy, difference to the full recipe [95% interval], its measurement error, and costs."""
     full_tokens = table.get(FULL, {}).get("generated_tokens")
     lines = [
-        "| arm | held-out acc | diff vs full [95% CI] | eval SE of diff | informative trained | truncated | gen. tokens (x full) | train CPU s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | held-out acc | diff vs full [95% CI] | eval SE of diff | informative trained | truncated | gen. tokens (x full) | train CPU s | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, row in table.items():
         d = row["difference"]
@@ -397,7 +397,7 @@ def format_table(table: dict, before: float | None) -> str:
         info = "-" if row["informative_fraction_trained"] is None else f"{row['informative_fraction_trained']:.2f}"
         trunc = "-" if row["truncated_fraction"] is None else f"{row['truncated_fraction']:.3f}"
         tokens = f"{row['generated_tokens']:,.0f}" + (f" ({row['generated_tokens'] / full_tokens:.2f})" if full_tokens else "")
-        lines.append(f"| {arm} | {row['accuracy']:.3f} | {diff} | {se} | {info} | {trunc} | {tokens} | {row['train_cpu_seconds']:.0f} |")
+        lines.append(f"| {arm} | {row['accuracy']:.3f} | {diff} | {se} | {info} | {trunc} | {tokens} | {row['train_cpu_seconds']:.0f} | {len(row['seeds'])} |")
     if before is not None:
         lines.append(f"\nBefore training: {before:.3f} (the warm-started toy model, same measurement).")
     errors = [row for row in table.values() if row.get("measurement_stderr") is not None]
