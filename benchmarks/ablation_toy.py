@@ -279,7 +279,6 @@ def per_problem_accuracy(samples_file: Path) -> dict:
 
 
 def run_arm(arm: str, seed: int, recipe: dict, args: AblationArguments, heldout: Path, eval_max_tokens: int, extra: list[str]) -> dict:
-    import torch
     import yaml
     from trl import GRPOTrainer
 
@@ -297,7 +296,6 @@ def run_arm(arm: str, seed: int, recipe: dict, args: AblationArguments, heldout:
     train_seconds, train_cpu = time.time() - wall, time.process_time() - cpu
     state = json.loads((run_dir / "trainer_state.json").read_text())
     measured = evaluate_model(run_dir, heldout, args, seed, eval_max_tokens)
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     rollouts_per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
     return {
         "accuracy": measured["accuracy"],
