@@ -316,10 +316,12 @@ def measure_accuracy(model, tokenizer, problems, script_args: ScriptArguments, t
     return sum(scores) / len(scores)
 
 
-def plot_learning_curve(log_history: list[dict], path: Path, stage_starts: list[dict] = ()):
+def plot_learning_curve(log_history: list[dict], path: Path, stage_starts: list[dict] = (), accuracy_before: float | None = None,
+                        accuracy_after: float | None = None):
     """Rewards and the informative fraction per logged step: of what the model sampled and, after batch
     repair, of what it trained on (TRL's `reward` and `frac_reward_zero_std` describe the batch before it).
-    Stage boundaries are marked with what started them."""
+    Stage boundaries are marked with what started them; held-out accuracy before and after, when measured,
+    at the first and last step."""
     from matplotlib.figure import Figure  # not pyplot: a notebook's plotting backend stays as it is
 
     rows = [row for row in log_history if "reward" in row]
@@ -341,6 +343,10 @@ def plot_learning_curve(log_history: list[dict], path: Path, stage_starts: list[
         axis.plot(steps, series("reward"), marker="o", label="mean reward")
         if any("frac_reward_zero_std" in row for row in rows):
             axis.plot(steps, series("frac_reward_zero_std", lambda value: 1.0 - value), label="informative groups")
+    if accuracy_before is not None and accuracy_after is not None:
+        last = log_history[-1].get("step", steps[-1]) if log_history else steps[-1]
+        axis.plot([0, last], [accuracy_before, accuracy_after], "k*--", markersize=10, linewidth=1,
+                  label=f"held-out accuracy {accuracy_before:.3f} -> {accuracy_after:.3f}")
     for start in stage_starts:
         if start["stage"] > 1:
             axis.axvline(start["step"], color="gray", linestyle="--", linewidth=1)
@@ -349,7 +355,7 @@ def plot_learning_curve(log_history: list[dict], path: Path, stage_starts: list[
     axis.set_xlabel("step")
     axis.set_ylim(-0.02, 1.02)
     axis.legend(fontsize="small")
-    axis.set_title("Training rewards")
+    axis.set_title("Training rewards" + (" and held-out accuracy" if accuracy_before is not None and accuracy_after is not None else ""))
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     return path
@@ -360,11 +366,38 @@ def write_summary(output_dir: Path, summary: dict):
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
+def training_trend(log_history: list[dict]) -> dict:
+    """Mean reward of the model's own rollouts over the first and the last fifth of the logged steps (before
+    batch repair, which raises the trained batch's), and the informative fraction of the groups trained on
+    over the run (after batch repair; TRL's own keys when nothing was repaired)."""
+    rows = [row for row in log_history if row.get("sampled/reward", row.get("reward")) is not None]
+    if not rows:
+        return {}
+    fifth = max(1, len(rows) // 5)
+
+    def mean(values):
+        values = [value for value in values if value is not None]
+        return sum(values) / len(values) if values else None
+
+    rewards = [row.get("sampled/reward", row.get("reward")) for row in rows]
+    zero_std = [row.get("trained/frac_reward_zero_std", row.get("frac_reward_zero_std")) for row in rows]
+    informative = mean([1.0 - value for value in zero_std if value is not None])
+    return {"reward_first": mean(rewards[:fifth]), "reward_last": mean(rewards[-fifth:]), "informative_trained": informative}
+
+
 def print_report(summary: dict, output_dir: Path, is_demo: bool):
     print("\n" + "=" * 60)
+    print(f"{'':<28}{'start':>10}{'end':>10}")
     if summary.get("accuracy_before") is not None:
-        print(f"{'held-out accuracy':<24}{'before':>10}{'after':>10}")
-        print(f"{'(avg@' + str(summary['eval_num_samples']) + ', sampled)':<24}{summary['accuracy_before']:>10.3f}{summary['accuracy_after']:>10.3f}")
+        label = f"held-out accuracy (avg@{summary['eval_num_samples']})"
+        print(f"{label:<28}{summary['accuracy_before']:>10.3f}{summary['accuracy_after']:>10.3f}   ({summary['accuracy_after'] - summary['accuracy_before']:+.3f})")
+    trend = summary.get("training", {})
+    if trend.get("reward_first") is not None:
+        print(f"{'training reward, sampled':<28}{trend['reward_first']:>10.3f}{trend['reward_last']:>10.3f}   (first / last fifth of steps)")
+    if trend.get("informative_trained") is not None:
+        print(f"{'informative groups trained':<28}{trend['informative_trained']:>20.2f}   (mean over steps)")
+    for start in summary.get("stages", []):
+        print(f"stage {start['stage']} from step {start['step']}" + (f": {start['reason']}" if start["stage"] > 1 else ""))
     print(f"steps: {summary['steps']}   time: {summary['seconds']:.0f} s")
     print(f"outputs: {output_dir}/ (model, trainer_state.json, summary.json, learning_curve.png)")
     if is_demo:
@@ -637,9 +670,10 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
     if getattr(trainer, "stage_schedule", None) is not None:
         summary["stages"] = trainer.stage_starts()
         summary["refreshes"] = trainer.refreshes
+    summary["training"] = training_trend(trainer.state.log_history)
     if trainer.accelerator.is_main_process:
         write_summary(output_dir, summary)
-        plot_learning_curve(trainer.state.log_history, output_dir / "learning_curve.png", summary.get("stages", []))
+        plot_learning_curve(trainer.state.log_history, output_dir / "learning_curve.png", summary.get("stages", []), accuracy_before, accuracy_after)
         print_report(summary, output_dir, is_demo)
     return summary
 
@@ -649,6 +683,19 @@ def make_parser():
     return TrlParser((ScriptArguments, PolarisConfig, PolarisModelConfig), allow_abbrev=False)
 
 
+DEMO_OPTIONS = ("--seed",)  # `python train_grpo.py --seed 3`: the demo with another seed
+
+
+def demo_arguments(args: list[str]) -> bool:
+    """No arguments, or only one of `DEMO_OPTIONS` with its value: the command runs the demo recipe."""
+    if len(args) == 2:
+        return args[0] in DEMO_OPTIONS
+    if len(args) == 1:
+        option, equals, _ = args[0].partition("=")
+        return bool(equals) and option in DEMO_OPTIONS
+    return not args
+
+
 def parse_args(args: list[str] | None = None):
     """Parse the command line (and `--config`); no arguments at all means the demo recipe."""
     import yaml
@@ -656,9 +703,10 @@ def parse_args(args: list[str] | None = None):
     args = list(sys.argv[1:] if args is None else args)
     print_short_help_and_exit(args)
     args = ["--help" if arg == "--help-all" else arg for arg in args]  # TRL's full list
-    if not args:
-        print(f"No arguments: running the demo recipe {DEMO_RECIPE.relative_to(Path.cwd()) if DEMO_RECIPE.is_relative_to(Path.cwd()) else DEMO_RECIPE}")
-        args = ["--config", str(DEMO_RECIPE)]
+    if demo_arguments(args):
+        shown = DEMO_RECIPE.relative_to(Path.cwd()) if DEMO_RECIPE.is_relative_to(Path.cwd()) else DEMO_RECIPE
+        print(f"{'No arguments' if not args else 'Only ' + ' '.join(args)}: running the demo recipe {shown}")
+        args = ["--config", str(DEMO_RECIPE), *args]
     if "--config" in args:
         config_path = Path(args[args.index("--config") + 1]) if args.index("--config") + 1 < len(args) else None
         if config_path is None or not config_path.is_file():

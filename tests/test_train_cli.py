@@ -41,6 +41,17 @@ def test_no_arguments_means_the_demo_recipe():
     assert training_args.use_cpu and not training_args.bf16  # no GPU here: chosen automatically
 
 
+def test_seed_alone_means_the_demo_recipe_with_that_seed():
+    from train_grpo import parse_args
+
+    for args in (["--seed", "3"], ["--seed=3"]):
+        script_args, training_args, model_args = parse_args(args)
+        assert model_args.model_name_or_path == "toy" and training_args.seed == 3
+        assert training_args.output_dir == "outputs/demo"
+    _, training_args, model_args = parse_args(["--seed", "3", "--output_dir", "x"])  # more than a seed: no recipe
+    assert model_args.model_name_or_path is None
+
+
 def test_polaris_defaults_without_a_recipe():
     from train_grpo import parse_args
 
@@ -224,8 +235,8 @@ def test_no_deprecation_warnings_from_our_defaults_and_recipes():
             _, training_args, _ = parse_args(recipe)
         assert not [w for w in caught if issubclass(w.category, FutureWarning)], (recipe, [str(w.message) for w in caught])
         # On by default, under both names (transformers 5.17's Trainer reads `gradient_checkpointing`); the demo's
-        # toy model turns it off.
-        checkpointing = not recipe[-1].endswith("demo.yaml")
+        # toy model turns it off (its activations are tiny).
+        checkpointing = not (recipe == [] or recipe[-1].endswith("demo.yaml"))
         assert training_args.activation_checkpointing == training_args.gradient_checkpointing == checkpointing, recipe
     with warnings.catch_warnings(record=True):
         _, training_args, _ = parse_args(["--gradient_checkpointing", "false", "--output_dir", "x"])  # the old name still works
