@@ -77,7 +77,7 @@ def synced(vllm_installed, toy_world, tmp_path_factory):
 def stale(synced):
     """The control: the same run with the weight sync turned off, so vLLM samples from the initial model."""
     tmp = synced[0]
-    return train(tmp, "stale", "--max_steps", "3", "--save_strategy", "no", options=("--no_sync",))
+    return train(tmp, "stale", "--max_steps", "2", "--save_strategy", "no", options=("--no_sync",))
 
 
 def test_weight_sync_keeps_vllm_on_the_trainers_policy(synced, stale):
@@ -85,12 +85,12 @@ def test_weight_sync_keeps_vllm_on_the_trainers_policy(synced, stale):
     _, stale_history = stale
     gaps = [entry[GAP] for entry in history]
     stale_gaps = [entry[GAP] for entry in stale_history]
-    assert len(gaps) == 4 and len(stale_gaps) == 3
+    assert len(gaps) == 4 and len(stale_gaps) == 2
     # Synced: only the bf16 (vLLM) vs fp32 (trainer) rounding remains, at every step (measured 0.002-0.006).
     assert max(gaps) < SYNCED_GAP, gaps
     # Step 1 samples the initial weights in both runs; afterwards the stale vLLM drifts off the policy.
     assert stale_gaps[0] == pytest.approx(gaps[0], abs=0.01)
-    assert min(stale_gaps[1:]) > 10 * SYNCED_GAP, (gaps, stale_gaps)  # measured 1.0-1.3
+    assert stale_gaps[1] > 10 * SYNCED_GAP, (gaps, stale_gaps)  # measured 1.28
 
 
 def test_stage_switch_reaches_vllm_sampling(synced):
@@ -161,18 +161,18 @@ def test_resume_matches_the_uninterrupted_run(synced):
 
 def test_lora_with_vllm(vllm_installed, toy_world, tmp_path):
     """LoRA: TRL merges the adapter into the weights it pushes; the gap stays at the synced level while the
-    adapter moves the policy (its step-2 reward differs from a frozen model's)."""
+    adapter trains (its lora_B weights move off zero)."""
     record, history = train(
-        tmp_path, "lora", "--max_steps", "3", "--save_strategy", "no", "--use_peft", "--lora_r", "16", "--lora_alpha", "32",
+        tmp_path, "lora", "--max_steps", "2", "--save_strategy", "no", "--use_peft", "--lora_r", "16", "--lora_alpha", "32",
         "--lora_target_modules", "all-linear", "--learning_rate", "1e-2",
     )  # fmt: skip
     gaps = [entry[GAP] for entry in history]
-    assert len(gaps) == 3 and max(gaps) < SYNCED_GAP, gaps  # measured 0.002-0.021
+    assert len(gaps) == 2 and max(gaps) < SYNCED_GAP, gaps  # measured 0.002-0.021
     from safetensors.torch import load_file
 
     adapter = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
     assert any(name.endswith("lora_B.weight") and tensor.abs().max() > 0 for name, tensor in adapter.items())
-    assert [c["step"] for c in record["vllm_calls"]] == [0, 1, 2]
+    assert [c["step"] for c in record["vllm_calls"]] == [0, 1]
 
 
 def test_server_mode_options_reach_trl_and_fail_clearly_without_cuda(vllm_installed):
@@ -201,13 +201,13 @@ def agree_within_noise(mean_a: float, se_a: float, mean_b: float, se_b: float) -
 def test_evaluate_vllm_backend_agrees_with_transformers(vllm_installed, toy_world, tmp_path):
     import evaluate
 
-    common = ["--model", "toy", "--data", "toy", "--max_problems", "120", "--num_samples", "4", "--temperature", "1.0", "--max_tokens", "48"]
+    common = ["--model", "toy", "--data", "toy", "--max_problems", "80", "--num_samples", "4", "--temperature", "1.0", "--max_tokens", "48"]
     hf = evaluate.main(evaluate.parse_args([*common, "--output_dir", str(tmp_path / "hf")]))["benchmarks"]["toy"]
     record = run("evaluate", tmp_path / "vllm.json", [*common, "--backend", "vllm", "--output_dir", str(tmp_path / "vllm")])
     vllm = record["summary"]["benchmarks"]["toy"]
     assert record["summary"]["settings"]["backend"] == "vllm"
-    assert (vllm["num_problems"], vllm["num_samples"]) == (hf["num_problems"], hf["num_samples"]) == (120, 4)
-    assert len((tmp_path / "vllm" / "samples.jsonl").read_text().splitlines()) == 120 * 4  # one line per sample
+    assert (vllm["num_problems"], vllm["num_samples"]) == (hf["num_problems"], hf["num_samples"]) == (80, 4)
+    assert len((tmp_path / "vllm" / "samples.jsonl").read_text().splitlines()) == 80 * 4  # one line per sample
     assert agree_within_noise(hf["avg_at_k"], hf["avg_at_k_stderr"], vllm["avg_at_k"], vllm["avg_at_k_stderr"]), (hf["avg_at_k"], vllm["avg_at_k"])
     assert 0.1 < vllm["avg_at_k"] < 0.9  # the toy model's answers, graded: neither nothing nor everything
 
@@ -222,12 +222,12 @@ def test_filter_vllm_backend_agrees_with_transformers(vllm_installed, toy_world,
     import filter_data
 
     problems = tmp_path / "problems.jsonl"
-    problems.write_text("\n".join((toy_world / "train.jsonl").read_text().splitlines()[:80]) + "\n")
+    problems.write_text("\n".join((toy_world / "train.jsonl").read_text().splitlines()[:48]) + "\n")
     common = ["--model", "toy", "--dataset", str(problems), "--num_samples", "8", "--temperature", "1.0"]
     hf = filter_data.main(filter_data.parse_args([*common, "--output", str(tmp_path / "hf.jsonl")]))
     record = run("filter", tmp_path / "vllm.json", [*common, "--backend", "vllm", "--output", str(tmp_path / "vllm.jsonl")])
     vllm = record["summary"]
-    assert hf["problems"] == vllm["problems"] == 80
+    assert hf["problems"] == vllm["problems"] == 48
     kept = [json.loads(line) for line in (tmp_path / "vllm.jsonl").read_text().splitlines()]
     assert len(kept) == vllm["kept"] and all(row["pass_rate"] < 1 for row in kept)  # the always-solved ones dropped
     assert agree_within_noise(*mean_pass_rate(hf["counts"], 8), *mean_pass_rate(vllm["counts"], 8)), (hf["counts"], vllm["counts"])
