@@ -58,14 +58,22 @@ def test_recipe_hash_tracks_the_recipe_but_not_the_location():
     assert toy.recipe_hash(base) != toy.recipe_hash(toy.ToyArguments(sloppy_fraction=0.1))
 
 
-def test_build_is_deterministic_and_cached(tmp_path):
+def test_build_is_deterministic_whatever_the_thread_count_and_cached(tmp_path):
+    """Two threads sum floats in another order than one: the world must not depend on the machine's cores."""
+    import torch
     from safetensors.torch import load_file
 
-    def build(directory):
-        args = toy.ToyArguments(output_dir=str(directory), num_train=20, num_test=10, warmup_steps=3)
-        return toy.build_toy_world(args)
+    def build(directory, threads):
+        torch.set_num_threads(threads)
+        args = toy.ToyArguments(output_dir=str(directory), num_train=20, num_test=10, warmup_steps=10)
+        try:
+            return toy.build_toy_world(args)
+        finally:
+            assert torch.get_num_threads() == threads  # the caller's setting is given back
+            torch.set_num_threads(threads_before)
 
-    first, second = build(tmp_path / "one"), build(tmp_path / "two")
+    threads_before = torch.get_num_threads()
+    first, second = build(tmp_path / "one", 1), build(tmp_path / "two", 2)
     weights_one = load_file(first / "model" / "model.safetensors")
     weights_two = load_file(second / "model" / "model.safetensors")
     assert weights_one.keys() == weights_two.keys()
@@ -73,7 +81,7 @@ def test_build_is_deterministic_and_cached(tmp_path):
     assert (first / "train.jsonl").read_text() == (second / "train.jsonl").read_text()
     recipe = json.loads((first / "recipe.json").read_text())
     (first / "model" / "model.safetensors").unlink()
-    build(tmp_path / "one")  # same recipe: reused as it is, not rebuilt
+    build(tmp_path / "one", 1)  # same recipe: reused as it is, not rebuilt
     assert not (first / "model" / "model.safetensors").exists()
     assert json.loads((first / "recipe.json").read_text()) == recipe
 
