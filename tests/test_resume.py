@@ -42,25 +42,27 @@ from data import UserError
 
 MAX_STEPS = 10
 # The second stage starts on a condition (two generation rounds with any reward: step 4, before its step 6)
-# and drops the prompts solved more than 60% of the time so far (not the forgotten one, solved half the time,
-# which is rescued later), so a resume must restore the decision and the refresh.
+# and drops the prompts solved more than 60% of the time so far (the mastered one; not the forgotten one, solved
+# half the time, which is rescued later), so a resume must restore the decision and the refresh.
 STAGES = json.dumps([
     {"step": 0, "temperature": 1.0, "max_completion_length": 24},
     {"step": 6, "temperature": 1.2, "max_completion_length": 20, "when": {"metric": "reward", "above": 0.0, "steps": 2}, "refresh_data": True},
 ])
 
 
-def scripted_reward(completions, forgotten, trainer_state=None, **kwargs):
+def scripted_reward(completions, forgotten, mastered, trainer_state=None, **kwargs):
     """A fixed function of the text, the row and the step, whatever the toy model writes. The `forgotten`
     problem is solved by every other rollout in the first stage (steps 0-3) and by none in the second, so
-    its groups there are rescued with the completion the ledger kept; the other problems are solved by the
-    rollouts whose text has an even hash."""
+    its groups there are rescued with the completion the ledger kept; the `mastered` one by three rollouts in
+    four, so the refresh drops it; the other problems are solved by the rollouts whose text has an even hash."""
     second_stage = trainer_state is not None and trainer_state.global_step >= 4
     rewards = []
     for row, (completion, forget) in enumerate(zip(completions, forgotten, strict=True)):
         text = completion[0]["content"] if isinstance(completion, list) else completion
         if forget:
             rewards.append(0.0 if second_stage else float(row % 2))
+        elif mastered[row]:
+            rewards.append(float(row % 4 != 0))
         else:
             rewards.append(1.0 if hashlib.sha1(text.encode()).digest()[0] % 2 == 0 else 0.0)
     return rewards
@@ -196,7 +198,7 @@ def test_resume_command_repeats_the_arguments():
 def problems(toy_world, tmp_path_factory) -> Path:
     rows = [json.loads(line) for line in (toy_world / "train.jsonl").read_text().splitlines()[:4]]
     path = tmp_path_factory.mktemp("resume_data") / "train.jsonl"
-    path.write_text("".join(json.dumps({**row, "forgotten": i == 0}) + "\n" for i, row in enumerate(rows)))
+    path.write_text("".join(json.dumps({**row, "forgotten": i == 0, "mastered": i == 1}) + "\n" for i, row in enumerate(rows)))
     return path
 
 
