@@ -117,15 +117,12 @@ def time_plain_generate(work: Workload, args: BenchArguments) -> float:
     return time.perf_counter() - start
 
 
-def decode_tokens_per_second(work: Workload, batch: int) -> float:
-    """Tokens per second of the bare decoding loop at `batch` rows: one prefill of a typical prompt length, then
+def decode_tokens_per_second(work: Workload, batch: int, length: int) -> float:
+    """Tokens per second of the bare decoding loop at `batch` rows: one prefill of `length` tokens, then
     `max_tokens` single-token forward passes through the KV cache; no sampling, no generate machinery. Its ratio
     between the batched and the one-problem batch bounds what any sampler can gain by batching on this machine."""
     import torch
 
-    from data import prompt_token_ids
-
-    length = round(sum(len(prompt_token_ids(work.tokenizer, p)) for p in work.prompts) / len(work.prompts))
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(len(work.tokenizer) - 10, (batch, length), generator=generator)
     with torch.inference_mode():
@@ -147,8 +144,11 @@ def measure(work: Workload, args: BenchArguments) -> dict:
     sampler.append(time_sampler(work, args, work.batch_size))
     one_at_a_time = time_sampler(work, args, work.num_samples)[0]
     batched, tokens = min(sampler)
-    ceiling = max(decode_tokens_per_second(work, work.batch_size) for _ in range(2)) / max(
-        decode_tokens_per_second(work, work.num_samples) for _ in range(2)
+    from data import prompt_token_ids
+
+    length = round(sum(len(prompt_token_ids(work.tokenizer, p)) for p in work.prompts) / len(work.prompts))
+    ceiling = max(decode_tokens_per_second(work, work.batch_size, length) for _ in range(2)) / max(
+        decode_tokens_per_second(work, work.num_samples, length) for _ in range(2)
     )
     return {
         "model": work.name,
