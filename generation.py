@@ -335,6 +335,94 @@ def merge_adapter(model: str, target: Path, trust_remote_code: bool = False) -> 
 # ----------------------------------------------------------------------------------------------
 
 
+class MergedAdapter:
+    """Sampling through a LoRA model with its adapter merged into the base: plain `generate` speed, where
+    unmerged LoRA adds kernels to every linear layer of every decode step (measured on a GPU: 75 instead of
+    32 ms a step for Qwen3-0.6B). The base is restored bit for bit afterwards: PEFT's in-place merge and
+    unmerge leave it off by a rounding at every step, which adds up over a run in 16 bits; the base is
+    frozen, so one copy of its weights in host memory, taken at the first merge, restores it exactly.
+
+    A 4-bit or 8-bit base is not merged (bitsandbytes would requantize it): `applies` says False."""
+
+    def __init__(self, model):
+        from peft.tuners.lora import LoraLayer
+
+        self.model = model
+        self.layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+        self.base_weights = None
+
+    @staticmethod
+    def applies(model) -> bool:
+        """A PEFT LoRA model whose base holds plain (unquantized) weights."""
+        from peft import PeftModel
+
+        if not isinstance(model, PeftModel) or model.peft_type != "LORA":
+            return False
+        return getattr(model.get_base_model(), "hf_quantizer", None) is None
+
+    def _keep_base_weights(self):
+        import torch
+
+        pin = torch.cuda.is_available()
+        self.base_weights = [layer.get_base_layer().weight.detach().to("cpu", copy=True) for layer in self.layers]
+        if pin:
+            self.base_weights = [weight.pin_memory() for weight in self.base_weights]
+
+    @contextlib.contextmanager
+    def merged(self):
+        import torch
+
+        if self.base_weights is None:
+            self._keep_base_weights()
+        with torch.no_grad():
+            self.model.merge_adapter()
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                self.model.unmerge_adapter()  # PEFT's bookkeeping; the weights are then copied back exactly
+                for layer, weight in zip(self.layers, self.base_weights):
+                    layer.get_base_layer().weight.copy_(weight, non_blocking=True)
+
+
+@contextlib.contextmanager
+def adapter_merged(model):
+    """`model` with its LoRA adapter merged for sampling (see `MergedAdapter`), or as it is."""
+    adapter = MergedAdapter(model) if MergedAdapter.applies(model) else None
+    if adapter is None or any(layer.merged for layer in adapter.layers):
+        yield model
+        return
+    with adapter.merged() as merged:
+        yield merged
+
+
+def compile_decoding(generation_config, backend: str = "inductor", mode: str | None = "reduce-overhead") -> None:
+    """Decode with a static KV cache and a compiled forward: transformers' `generate` compiles the decoding
+    step when the cache is static (`mode` reduce-overhead: CUDA graphs on a GPU). TRL builds its config with
+    compilation off. On a CPU transformers compiles only when asked to for every device, as here (inductor
+    takes about a minute there, for no gain)."""
+    from transformers import CompileConfig
+
+    generation_config.cache_implementation = "static"
+    generation_config.disable_compile = False
+    generation_config.compile_config = CompileConfig(backend=backend, mode=mode)
+    generation_config.compile_config._compile_all_devices = True  # transformers' own flag to compile off CUDA too
+
+
+def decode_eagerly(generation_config, error: Exception) -> bool:
+    """After `error` in a compiled decode: switch `generation_config` back to eager decoding and say so in one
+    line (True), or False when decoding was not compiled (the error is someone else's)."""
+    import sys
+
+    if generation_config.disable_compile or generation_config.cache_implementation != "static":
+        return False
+    generation_config.cache_implementation = None
+    generation_config.disable_compile = True
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    print(f"note: compiled decoding failed ({type(error).__name__}: {reason}): decoding eagerly from now on", file=sys.stderr, flush=True)
+    return True
+
+
 def problem_seed(base_seed: int, problem_key: str, temperature: float) -> int:
     """A seed per problem and temperature, the same in a resumed run and in any process."""
     digest = hashlib.sha1(f"{base_seed}:{problem_key}:{temperature!r}".encode()).hexdigest()
@@ -416,23 +504,24 @@ def sample_completions(
     model.eval()
     bar = tqdm(total=len(encoded), desc=desc, unit="prompt", disable=not progress)
     position, batch_number = 0, 0
-    while position < len(order):
-        indices = order[position : position + prompts_per_batch]
-        if seed is not None:
-            torch.manual_seed(seed + batch_number)
-        try:
-            batch = _generate_batch(model, tokenizer, [encoded[i] for i in indices], num_samples, max_new_tokens, sampling, eos_ids)
-        except torch.OutOfMemoryError:
-            if prompts_per_batch == 1 or not adapt_batch_size:
-                raise
-            prompts_per_batch = max(1, prompts_per_batch // 2)  # adapt to memory and retry the same prompts
-            torch.cuda.empty_cache()
-            continue
-        for i, samples in zip(indices, batch):
-            results[i] = samples
-        position += len(indices)
-        batch_number += 1
-        bar.update(len(indices))
+    with adapter_merged(model) as sampled_model:  # a LoRA model samples at its base's speed
+        while position < len(order):
+            indices = order[position : position + prompts_per_batch]
+            if seed is not None:
+                torch.manual_seed(seed + batch_number)
+            try:
+                batch = _generate_batch(sampled_model, tokenizer, [encoded[i] for i in indices], num_samples, max_new_tokens, sampling, eos_ids)
+            except torch.OutOfMemoryError:
+                if prompts_per_batch == 1 or not adapt_batch_size:
+                    raise
+                prompts_per_batch = max(1, prompts_per_batch // 2)  # adapt to memory and retry the same prompts
+                torch.cuda.empty_cache()
+                continue
+            for i, samples in zip(indices, batch):
+                results[i] = samples
+            position += len(indices)
+            batch_number += 1
+            bar.update(len(indices))
     bar.close()
     model.train(was_training)
     return results

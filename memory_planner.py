@@ -288,7 +288,7 @@ def step_rollouts(training_args, chunked: bool = False) -> int:
     """Rollouts one process holds per generation batch, or samples in one call (`chunked`)."""
     held = training_args.per_device_train_batch_size * training_args.steps_per_generation
     chunk = getattr(training_args, "generation_chunk_size", None)
-    return min(held, chunk) if chunked and chunk and not training_args.use_vllm else held
+    return min(held, chunk) if chunked and isinstance(chunk, int) and not training_args.use_vllm else held
 
 
 def distribution_from_accelerate_config(path: str, num_gpus: int | None = None) -> dict:
@@ -928,6 +928,62 @@ def format_plan(plan: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# generation_chunk_size: auto
+# ----------------------------------------------------------------------------------------------
+
+
+SAFE_GENERATION_CHUNK = 8  # sequences per generate call where the GPU cannot be planned: the recipes' former fixed size
+
+
+def largest_generation_chunk(shape: ModelShape, setup: RunSetup, gpu_memory: float) -> int:
+    """The most sequences (up to the step's rollouts) one generate call may sample with the generation phase of
+    every stage within `gpu_memory` bytes; 1 when not even one fits. Larger batches decode more tokens per
+    step at the same per-step cost while a GPU is bound by kernel launches and weight reads."""
+    from dataclasses import replace
+
+    def fits(chunk: int) -> bool:
+        trial = replace(setup, generation_batch=chunk)
+        return all(estimate(shape, trial, length, gpu_memory).generation_total <= gpu_memory for _, _, length in setup.stages)
+
+    low, high = 1, max(1, setup.step_rollouts)
+    while low < high:  # the estimate grows with the chunk: the largest that fits
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
+
+
+def resolve_auto_generation_chunk(script_args, training_args, model_args) -> str | None:
+    """Turn `generation_chunk_size: auto` into a number of sequences and return the line that says which and
+    why: the planner's largest fit on this GPU (or `--gpu_memory`); all of a step's rollouts where there is
+    no GPU to plan for; `SAFE_GENERATION_CHUNK` where the model's shape is unknown. vLLM ignores the chunk."""
+    if training_args.generation_chunk_size != "auto":
+        return None
+    held = step_rollouts(training_args)
+    if training_args.use_vllm:
+        training_args.generation_chunk_size = None
+        return None
+    gpu_memory = getattr(script_args, "gpu_memory", None) or local_gpu_memory_gib()
+    if gpu_memory is None:
+        training_args.generation_chunk_size = held
+        return (f"generation_chunk_size auto: no GPU to plan for, so all {held} rollouts of a step per process are "
+                "sampled at once (--gpu_memory GiB plans for a GPU)")  # fmt: skip
+    try:
+        shape, _ = find_model_shape(model_args.model_name_or_path, model_args.model_revision)
+    except UserError:
+        training_args.generation_chunk_size = min(held, SAFE_GENERATION_CHUNK)
+        return (f"generation_chunk_size auto: the memory planner does not know the shape of {model_args.model_name_or_path}, "
+                f"so {training_args.generation_chunk_size} sequences are sampled at a time (halved on out-of-memory; "
+                "--generation_chunk_size N chooses)")  # fmt: skip
+    setup = setup_from_args(script_args, training_args, model_args)
+    chunk = training_args.generation_chunk_size = largest_generation_chunk(shape, setup, gpu_memory * GIB)
+    from dataclasses import replace
+
+    planned = max(estimate(shape, replace(setup, generation_batch=chunk), length, gpu_memory * GIB).generation_total for _, _, length in setup.stages)
+    return (f"generation_chunk_size auto: {chunk} of the step's {held} rollouts per generate call, the most a "
+            f"{gpu_memory:g} GiB GPU holds at the longest stage (sampling planned at {gib(planned)} GiB; halved on out-of-memory)")  # fmt: skip
+
+
 def local_gpu_memory_gib() -> float | None:
     import torch
 
@@ -942,8 +998,11 @@ def print_plan(script_args, training_args, model_args) -> MemoryPlan:
     if not name:
         raise UserError("no model given: pass --model_name_or_path (a hub id, a local directory or `toy`)")
     shape, source = find_model_shape(name, model_args.model_revision)
+    chunk_note = resolve_auto_generation_chunk(script_args, training_args, model_args)
     setup = setup_from_args(script_args, training_args, model_args)
     gpu_memory = script_args.gpu_memory if script_args.gpu_memory else local_gpu_memory_gib()
     plan = plan_memory(name, shape, setup, gpu_memory, source)
     print(format_plan(plan))
+    if chunk_note:
+        print(chunk_note)
     return plan

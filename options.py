@@ -107,13 +107,22 @@ class PolarisOptions:
         default=3, metadata={"help": "At most this many extra generation batches per step with --dynamic_sampling."}
     )
     # One generation batch per optimizer step, so repair and the token-mean loss see the whole step; see step_batch.py.
-    generation_chunk_size: int | None = field(
+    generation_chunk_size: int | str | None = field(
         default=None,
         metadata={
             "help": "Sequences each process samples in one transformers generate call (memory). An optimizer step's "
-            "rollouts are sampled in chunks of this size, then repaired and trained on together. Default: all at once. "
-            "A --steps_per_generation below --gradient_accumulation_steps sets it to per_device_train_batch_size x "
-            "steps_per_generation. vLLM ignores it (it schedules its own memory)."
+            "rollouts are sampled in chunks of this size, then repaired and trained on together. `auto`: the most "
+            "the GPU holds, by the memory planner (memory_planner.py). Default: all at once. On out-of-memory the "
+            "chunk is halved. A --steps_per_generation below --gradient_accumulation_steps sets it to "
+            "per_device_train_batch_size x steps_per_generation. vLLM ignores it (it schedules its own memory)."
+        },
+    )
+    generation_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "Decode with a static KV cache and torch.compile (CUDA graphs on a GPU) instead of eager "
+            "transformers generate: removes the per-token kernel-launch overhead; compiles once per batch shape "
+            "and stage length. Falls back to eager generation, with one line, where compiling fails."
         },
     )
     vllm_importance_sampling_correction: bool = field(

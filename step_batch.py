@@ -22,6 +22,7 @@ for several steps, TRL's off-policy mode) is kept; each micro-batch then gets th
 optimizer step as `num_items_in_batch`, so the loss stays the token-mean of each step.
 """
 
+import contextlib
 import sys
 
 import torch
@@ -33,11 +34,26 @@ from data import UserError
 MIN_REPAIR_GROUPS = 3  # substitution needs a mixed group to copy and a zero-variance one to replace, and a choice
 
 
+AUTO_CHUNK = "auto"  # generation_chunk_size chosen by the memory planner when the model is known (train_grpo.main)
+
+
+def parse_generation_chunk(value) -> int | str | None:
+    """`generation_chunk_size` as given on the command line or in a recipe: a positive count, `auto` or None."""
+    if value is None or value == AUTO_CHUNK:
+        return value
+    try:
+        chunk = int(value)
+    except (TypeError, ValueError):
+        chunk = 0
+    if chunk < 1 or str(value).strip() not in (str(chunk), f"{chunk}.0"):
+        raise UserError(f"--generation_chunk_size must be a positive number of sequences or `auto`, got {value}")
+    return chunk
+
+
 def resolve_generation_chunks(config) -> str | None:
     """Before TRL's `GRPOConfig.__post_init__`: turn a generation batch smaller than an optimizer step into
     chunks of one step-sized generation batch. Returns a one-line note when it did."""
-    if config.generation_chunk_size is not None and config.generation_chunk_size < 1:
-        raise UserError(f"--generation_chunk_size must be a positive number of sequences, got {config.generation_chunk_size}")
+    config.generation_chunk_size = parse_generation_chunk(config.generation_chunk_size)
     per_device, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
     steps = config.steps_per_generation
     if steps is None or config.generation_batch_size is not None or steps >= accumulation:
@@ -50,6 +66,18 @@ def resolve_generation_chunks(config) -> str | None:
         f"training each optimizer step's {per_device * accumulation} rollouts per process as one batch "
         "(steps_per_generation = gradient_accumulation_steps)"
     )
+
+
+def unplanned_auto_chunk() -> int | None:
+    """`auto` where nothing planned it (train_grpo.main plans it from the model's shape): all at once on a CPU,
+    the planner's safe default on a GPU, said in one line."""
+    from memory_planner import SAFE_GENERATION_CHUNK
+
+    if not torch.cuda.is_available():
+        return None
+    print(f"note: generation_chunk_size auto is planned by train_grpo.py (memory_planner.resolve_auto_generation_chunk); "
+          f"unplanned, {SAFE_GENERATION_CHUNK} sequences are sampled at a time", file=sys.stderr)  # fmt: skip
+    return SAFE_GENERATION_CHUNK
 
 
 def check_step_geometry(config) -> list[str]:
@@ -90,25 +118,61 @@ class StepBatchMixin:
     """Chunked sampling of the step's generation batch and a per-step token count for the loss, for a
     subclass of TRL's `GRPOTrainer` (before it in the bases).
 
-    Hooks into TRL 1.16: `_generate_single_turn` (transformers generation in `generation_chunk_size` calls;
-    vLLM manages its own memory and gets the whole batch), `_prepare_inputs` (the `num_items_in_batch` of
-    every micro-batch of a new generation batch)."""
+    Hooks into TRL 1.16: `_generate_single_turn` (transformers generation in `generation_chunk_size` calls,
+    halved on out-of-memory, through a LoRA adapter merged into its unquantized base and, with
+    `generation_compile`, a compiled static-cache decode; vLLM manages its own memory and gets the whole
+    batch), `_prepare_inputs` (the `num_items_in_batch` of every micro-batch of a new generation batch)."""
 
     def __init__(self, *args, **kwargs):
+        from generation import MergedAdapter, compile_decoding
+
         super().__init__(*args, **kwargs)
+        if self.args.generation_chunk_size == AUTO_CHUNK:  # a trainer built directly, not by train_grpo.main
+            self.args.generation_chunk_size = unplanned_auto_chunk()
+        self.merged_adapter = None
+        if not self.use_vllm:
+            # Sharded weights (ZeRO-3, FSDP) are gathered for generation by TRL; they are not merged into.
+            sharded = self.is_fsdp_enabled or (self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
+            model = self.accelerator.unwrap_model(self.model)
+            self.merged_adapter = MergedAdapter(model) if not sharded and MergedAdapter.applies(model) else None
+            if self.args.generation_compile:
+                compile_decoding(self.generation_config)
         if self.accelerator.is_main_process:
             for line in getattr(self.args, "geometry_notes", []):
                 print(f"note: {line}", file=sys.stderr)
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        chunk = getattr(self.args, "generation_chunk_size", None)
-        if self.use_vllm or not chunk or len(prompt_ids) <= chunk or images is not None or multimodal_fields:
+        if self.use_vllm or images is not None or multimodal_fields:
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
-        completion_ids = []
-        for start in range(0, len(prompt_ids), chunk):
-            ids, _ = super()._generate_single_turn(prompt_ids[start : start + chunk], None, {}, num_generations, has_tool_images)
+        with self.merged_adapter.merged() if self.merged_adapter is not None else contextlib.nullcontext():
+            return self._generate_in_chunks(prompt_ids, num_generations, has_tool_images), None  # generate gives no log-probs
+
+    def _generate_in_chunks(self, prompt_ids, num_generations, has_tool_images) -> list[list[int]]:
+        """TRL's transformers generation, `generation_chunk_size` prompts a call; a chunk that runs out of GPU
+        memory is halved (for the rest of the run) and sampled again, and a compiled decode that fails falls
+        back to eager decoding; each said in one line."""
+        from generation import decode_eagerly
+
+        completion_ids, start = [], 0
+        while start < len(prompt_ids):
+            chunk = self.args.generation_chunk_size or len(prompt_ids)
+            try:
+                ids, _ = super()._generate_single_turn(prompt_ids[start : start + chunk], None, {}, num_generations, has_tool_images)
+            except torch.OutOfMemoryError:
+                if chunk <= 1:
+                    raise
+                self.args.generation_chunk_size = max(1, min(chunk, len(prompt_ids) - start) // 2)
+                torch.cuda.empty_cache()
+                print(f"note: out of GPU memory sampling {chunk} sequences at once: going on with generation_chunk_size "
+                      f"{self.args.generation_chunk_size}", file=sys.stderr, flush=True)  # fmt: skip
+                continue
+            except Exception as error:  # noqa: BLE001  (compilers raise many kinds; eager decoding is the same policy)
+                if not decode_eagerly(self.generation_config, error):
+                    raise
+                continue
             completion_ids.extend(ids)
-        return completion_ids, None  # transformers generation gives no sampling log-probs
+            start += len(ids)
+        return completion_ids
 
     def _prepare_inputs(self, generation_batch):
         buffered = self._buffered_inputs

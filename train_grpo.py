@@ -189,8 +189,9 @@ def load_model(model_args: ModelConfig, training_args: PolarisConfig):
     )  # fmt: skip
 
 
-def check_model_options(training_args: PolarisConfig, model_args: ModelConfig):
-    """Combinations of LoRA, quantization and vLLM that cannot work, caught before anything loads."""
+def check_model_options(training_args: PolarisConfig, model_args: ModelConfig, planning: bool = False):
+    """Combinations of LoRA, quantization and vLLM that cannot work, caught before anything loads (a plan
+    needs no vLLM installed: it is often made on another machine than the run)."""
     bits = "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit" if model_args.load_in_8bit else None
     if bits and not model_args.use_peft:
         raise UserError(f"{bits} freezes the base model in low precision: add --use_peft to train LoRA adapters on it (QLoRA)")
@@ -199,7 +200,7 @@ def check_model_options(training_args: PolarisConfig, model_args: ModelConfig):
             f"{bits} (QLoRA) cannot run with --use_vllm: TRL cannot sync LoRA adapters into quantized vLLM weights; "
             "drop --use_vllm (transformers then generates) or drop the quantization"
         )
-    if training_args.use_vllm:
+    if training_args.use_vllm and not planning:
         check_vllm_mode(training_args)
 
 
@@ -583,11 +584,16 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
     quiet_library_warnings()
     set_seed(training_args.seed)
     is_demo = model_args.model_name_or_path == TOY_NAME
-    check_model_options(training_args, model_args)
+    check_model_options(training_args, model_args, planning=script_args.plan)
     if script_args.plan:
         from memory_planner import print_plan
 
         return print_plan(script_args, training_args, model_args)
+    from memory_planner import resolve_auto_generation_chunk
+
+    note = resolve_auto_generation_chunk(script_args, training_args, model_args)
+    if note and training_args.process_index == 0:
+        print(note)
     note = launch_differs_from_plan(script_args, training_args) if script_args.accelerate_config else None
     if note and training_args.process_index == 0:
         print(f"note: {note}", file=sys.stderr)
