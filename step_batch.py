@@ -68,6 +68,24 @@ def resolve_generation_chunks(config) -> str | None:
     )
 
 
+STATIC_CACHE_ROUNDING = 256  # tokens: a compiled decode keeps its shape while prompts vary within this
+
+
+def balanced_chunk(remaining: int, chunk: int) -> int:
+    """The size of the next generate call: `remaining` sequences in as few calls of at most `chunk` as possible,
+    of sizes that differ by at most one (64 in chunks of 10: 10 and nine, not a last call of 4), so a compiled
+    decode sees at most two batch shapes."""
+    calls = -(-remaining // chunk)
+    return -(-remaining // calls)
+
+
+def static_cache_length(prompt_ids: list[list[int]], max_new_tokens: int) -> int:
+    """A static KV cache's length for these prompts, rounded up: transformers keeps the longest it has made,
+    so calls with shorter padded prompts reuse the same cache and compiled graph."""
+    needed = max(len(ids) for ids in prompt_ids) + max_new_tokens
+    return -(-needed // STATIC_CACHE_ROUNDING) * STATIC_CACHE_ROUNDING
+
+
 def unplanned_auto_chunk() -> int | None:
     """`auto` where nothing planned it (train_grpo.main plans it from the model's shape): all at once on a CPU,
     the planner's safe default on a GPU, said in one line."""
@@ -156,12 +174,16 @@ class StepBatchMixin:
         completion_ids, start = [], 0
         while start < len(prompt_ids):
             chunk = self.args.generation_chunk_size or len(prompt_ids)
+            size = balanced_chunk(len(prompt_ids) - start, chunk)
+            batch = prompt_ids[start : start + size]
+            if self.generation_config.cache_implementation == "static":
+                self.generation_config.max_cache_len = static_cache_length(batch, self.generation_config.max_new_tokens)
             try:
-                ids, _ = super()._generate_single_turn(prompt_ids[start : start + chunk], None, {}, num_generations, has_tool_images)
+                ids, _ = super()._generate_single_turn(batch, None, {}, num_generations, has_tool_images)
             except torch.OutOfMemoryError:
                 if chunk <= 1:
                     raise
-                self.args.generation_chunk_size = max(1, min(chunk, len(prompt_ids) - start) // 2)
+                self.args.generation_chunk_size = max(1, size // 2)
                 torch.cuda.empty_cache()
                 print(f"note: out of GPU memory sampling {chunk} sequences at once: going on with generation_chunk_size "
                       f"{self.args.generation_chunk_size}", file=sys.stderr, flush=True)  # fmt: skip

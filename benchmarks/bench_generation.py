@@ -104,7 +104,10 @@ def time_plain_generate(work: Workload, args: BenchArguments) -> float:
         ids = encoded[start : start + per_call]
         length = max(map(len, ids))
         batches.append(
-            (torch.tensor([[pad] * (length - len(i)) + i for i in ids]), torch.tensor([[0] * (length - len(i)) + [1] * len(i) for i in ids]))
+            (
+                torch.tensor([[pad] * (length - len(i)) + i for i in ids], device=work.model.device),
+                torch.tensor([[0] * (length - len(i)) + [1] * len(i) for i in ids], device=work.model.device),
+            )
         )
     start = time.perf_counter()
     with torch.inference_mode():
@@ -124,15 +127,25 @@ def decode_tokens_per_second(work: Workload, batch: int, length: int) -> float:
     import torch
 
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(len(work.tokenizer) - 10, (batch, length), generator=generator)
+    input_ids = torch.randint(len(work.tokenizer) - 10, (batch, length), generator=generator).to(work.model.device)
     with torch.inference_mode():
         output = work.model(input_ids=input_ids, use_cache=True)
         next_ids = output.logits[:, -1:].argmax(-1)
+        synchronize()
         start = time.perf_counter()
         for _ in range(work.max_tokens):
             output = work.model(input_ids=next_ids, past_key_values=output.past_key_values, use_cache=True)
             next_ids = output.logits[:, -1:].argmax(-1)
+        synchronize()
         return batch * work.max_tokens / (time.perf_counter() - start)
+
+
+def synchronize():
+    """Wait for the GPU's queued kernels, so that a timer reads work done rather than work launched."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def measure(work: Workload, args: BenchArguments) -> dict:

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# GPU check: a few GRPO steps of Qwen3-0.6B LoRA, Qwen3-1.7B QLoRA and Qwen3-4B QLoRA at 2K and 8K completion
-# tokens, on random weights (no download, no network), printing measured peak memory against the memory
-# planner's estimate, rollout tokens per second and step time. About 6 minutes on one GPU.
+# GPU check: one optimizer step of each consumer recipe's geometry (64 rollouts, 1,024-token completions,
+# generation_chunk_size auto, capped at the recipe's GPU memory) on random weights (no download, no network):
+# peak memory measured against the memory planner, seconds per step, and the trainer's rollout tokens per
+# second beside plain generate, compiled decoding and continuous batching on the same batch. About 8 minutes
+# on one GPU (--time_budget_s skips the cases not started in time).
 #
 #   bash benchmarks/gpu_check.sh                 # needs an NVIDIA GPU
-#   bash benchmarks/gpu_check.sh --reduced       # tiny shapes on the CPU, under a minute: the same code path
-#   bash benchmarks/gpu_check.sh --cases qwen3-4b-qlora --completion_lengths 4096
+#   bash benchmarks/gpu_check.sh --reduced       # tiny shapes on the CPU, under 2 minutes: the same code path
+#   bash benchmarks/gpu_check.sh --cases qwen3-4b-qlora-24gb --generation_compile true
 #
 # Options: see benchmarks/gpu_check.py (GpuCheckArguments). Results: outputs/gpu_check/results.json.
 set -euo pipefail
