@@ -291,6 +291,68 @@ def adapt_colocated_vllm(vllm_generation) -> None:
         vllm_generation.sync_weights = lambda: sync_weights_through_reload(vllm_generation)
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM 0.31 sizes its LoRA slots for
+
+
+@contextlib.contextmanager
+def vllm_engine_with_lora(lora_rank: int):
+    """While TRL builds its colocated `vllm.LLM`: build it with a slot for one LoRA adapter of `lora_rank`
+    (TRL passes a fixed set of engine arguments)."""
+    import functools
+
+    import trl.generation.vllm_generation as trl_vllm
+
+    rank = next((r for r in VLLM_LORA_RANKS if r >= lora_rank), None)
+    if rank is None:
+        raise UserError(f"vLLM serves LoRA adapters up to rank {VLLM_LORA_RANKS[-1]}: lower --lora_r ({lora_rank})")
+    original = trl_vllm.LLM
+    trl_vllm.LLM = functools.partial(original, enable_lora=True, max_lora_rank=rank, max_loras=1)
+    try:
+        yield
+    finally:
+        trl_vllm.LLM = original
+
+
+class VLLMAdapterSync:
+    """Colocated vLLM samples through the trained LoRA adapter as a vLLM LoRA request: each optimizer step
+    saves the adapter (megabytes) and names it in every request, where TRL's own sync merges the adapter into
+    the base and pushes every weight of the model (and cannot at all into a 4-bit base). The base vLLM loaded
+    from the model's checkpoint is the frozen base being trained on. With sleep mode (level 2 drops vLLM's
+    weights between samplings) vLLM reloads that base from its checkpoint when it wakes up."""
+
+    def __init__(self, vllm_generation):
+        import tempfile
+
+        self.generation = vllm_generation
+        self.saved = tempfile.TemporaryDirectory(prefix="polaris-vllm-adapter-")  # removed with this object
+        self.directory = Path(self.saved.name)
+        self.version, self.request = 0, None
+        llm = vllm_generation.llm
+        generate = llm.generate
+        llm.generate = lambda *args, **kwargs: generate(*args, lora_request=self.request, **kwargs)
+        vllm_generation.sync_weights = self.sync_weights
+
+    def sync_weights(self) -> None:
+        import shutil
+
+        from vllm.lora.request import LoRARequest
+
+        generation = self.generation
+        if generation.mode == "colocate" and generation.enable_sleep_mode:
+            generation.llm.wake_up(tags=["weights"])
+            if generation._llm_weights_sleeping:
+                generation.llm.llm_engine.model_executor.driver_worker.model_runner.reload_weights()
+            generation._llm_weights_sleeping = False
+        previous = self.directory / f"adapter-{self.version}"
+        self.version += 1
+        path = self.directory / f"adapter-{self.version}"
+        generation.model.save_pretrained(str(path))  # a PEFT model saves its adapter only
+        shutil.rmtree(previous, ignore_errors=True)
+        # A new id per version: vLLM caches adapters by id, so the same id would keep serving the old weights.
+        self.request = LoRARequest(f"policy-{self.version}", self.version, str(path))
+        generation.llm.reset_prefix_cache()
+
+
 def load_vllm(
     model: str, gguf_file: str | None = None, dtype: str = "auto", seed: int = 0, max_model_len: int | None = None,
     trust_remote_code: bool = False, **llm_kwargs,

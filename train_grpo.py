@@ -93,13 +93,22 @@ class PolarisGRPOTrainer(CheckpointMixin, BatchRepairMixin, StepBatchMixin, GRPO
     `StepBatchMixin` (step_batch.py): the optimizer step's rollouts sampled in chunks and trained as one batch."""
 
     def __init__(self, *args, **kwargs):
+        import contextlib
+
         import generation
         from schedules import attach_stage_schedule
 
-        if kwargs["args"].use_vllm:
+        args_, peft_config = kwargs["args"], kwargs.get("peft_config")
+        if args_.use_vllm:
             generation.prepare_vllm_environment()  # vLLM's CPU backend: its KV cache size, OpenMP waiting
-        super().__init__(*args, **kwargs)
-        if self.use_vllm:
+        # Colocated vLLM with LoRA: vLLM serves the adapter itself (generation.VLLMAdapterSync).
+        adapter_sync = args_.use_vllm and args_.vllm_mode == "colocate" and getattr(peft_config, "peft_type", None) == "LORA"
+        with generation.vllm_engine_with_lora(peft_config.r) if adapter_sync else contextlib.nullcontext():
+            super().__init__(*args, **kwargs)
+        self.vllm_adapter_sync = None
+        if adapter_sync:
+            self.vllm_adapter_sync = generation.VLLMAdapterSync(self.vllm_generation)
+        elif self.use_vllm:
             generation.adapt_colocated_vllm(self.vllm_generation)  # CPU backend only: TRL's sync cannot reach it
         self.current_stage = None
         self.stage_schedule = attach_stage_schedule(self)  # None without `stages`
@@ -196,10 +205,19 @@ def check_model_options(training_args: PolarisConfig, model_args: ModelConfig, p
     if bits and not model_args.use_peft:
         raise UserError(f"{bits} freezes the base model in low precision: add --use_peft to train LoRA adapters on it (QLoRA)")
     if bits and training_args.use_vllm:
-        raise UserError(
-            f"{bits} (QLoRA) cannot run with --use_vllm: TRL cannot sync LoRA adapters into quantized vLLM weights; "
-            "drop --use_vllm (transformers then generates) or drop the quantization"
-        )
+        from generation import vllm_on_cpu
+
+        # vLLM serves the adapter over a 4-bit bitsandbytes base (generation.VLLMAdapterSync), on CUDA, colocated.
+        why = (
+            "vLLM has no in-flight 8-bit quantization" if model_args.load_in_8bit
+            else "the adapter is served by a colocated vLLM only (--vllm_mode colocate)" if training_args.vllm_mode != "colocate"
+            else "vLLM loads bitsandbytes 4-bit bases on CUDA only" if vllm_on_cpu() else None
+        )  # fmt: skip
+        if why:
+            raise UserError(
+                f"{bits} (QLoRA) cannot run with --use_vllm here: {why}; drop --use_vllm (transformers then generates) "
+                "or drop the quantization"
+            )
     if training_args.use_vllm and not planning:
         check_vllm_mode(training_args)
 

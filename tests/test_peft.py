@@ -102,6 +102,7 @@ def test_qlora_with_vllm_is_one_line_error(toy_world, tmp_path, monkeypatch, cap
     assert exit_info.value.code == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 1 and errors[0].startswith("error: --load_in_4bit") and "--use_vllm" in errors[0]
+    assert "CUDA only" in errors[0]  # vLLM's CPU backend here; on CUDA vLLM serves the adapter over a 4-bit base
 
 
 def test_quantization_without_peft_is_refused(toy_world):

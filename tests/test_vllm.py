@@ -159,20 +159,26 @@ def test_resume_matches_the_uninterrupted_run(synced):
     assert all((final[name] == resumed_final[name]).all() for name in final)
 
 
-def test_lora_with_vllm(vllm_installed, toy_world, tmp_path):
-    """LoRA: TRL merges the adapter into the weights it pushes; the gap stays at the synced level while the
-    adapter trains (its lora_B weights move off zero)."""
-    record, history = train(
-        tmp_path, "lora", "--max_steps", "2", "--save_strategy", "no", "--use_peft", "--lora_r", "16", "--lora_alpha", "32",
-        "--lora_target_modules", "all-linear", "--learning_rate", "1e-2",
-    )  # fmt: skip
+def test_lora_with_vllm_syncs_the_adapter_alone(vllm_installed, toy_world, tmp_path):
+    """LoRA: vLLM serves the trained adapter as a LoRA request, saved each step, over the base it loaded
+    (generation.VLLMAdapterSync); no weight of the base is pushed. The gap stays at the synced level while the
+    adapter trains (its lora_B weights move off zero); the control, whose vLLM keeps serving the base alone,
+    drifts off the policy once the adapter has trained a step."""
+    lora = ("--save_strategy", "no", "--use_peft", "--lora_r", "16", "--lora_alpha", "32", "--lora_target_modules", "all-linear",
+            "--learning_rate", "1e-2")  # fmt: skip
+    record, history = train(tmp_path, "lora", "--max_steps", "2", *lora)
     gaps = [entry[GAP] for entry in history]
-    assert len(gaps) == 2 and max(gaps) < SYNCED_GAP, gaps  # measured 0.002-0.021
+    assert len(gaps) == 2 and max(gaps) < SYNCED_GAP, gaps  # measured 0.003-0.004
+    assert [(c["step"], c["adapter"]) for c in record["vllm_calls"]] == [(0, "policy-1"), (1, "policy-2")]
     from safetensors.torch import load_file
 
     adapter = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
     assert any(name.endswith("lora_B.weight") and tensor.abs().max() > 0 for name, tensor in adapter.items())
-    assert [c["step"] for c in record["vllm_calls"]] == [0, 1]
+
+    _, stale_history = train(tmp_path, "lora-stale", "--max_steps", "2", *lora, options=("--no_sync",))
+    stale_gaps = [entry[GAP] for entry in stale_history]
+    assert stale_gaps[0] == pytest.approx(gaps[0], abs=0.01)  # step 1: lora_B is still zero, the adapter a no-op
+    assert stale_gaps[1] > SYNCED_GAP, (gaps, stale_gaps)
 
 
 def test_server_mode_options_reach_trl_and_fail_clearly_without_cuda(vllm_installed):

@@ -51,6 +51,7 @@ def recording_trainer(record: dict, sync: bool):
                     "max_tokens": vllm_generation.max_completion_length,
                     "longest_completion": max(len(ids) for ids in result[1]),
                     "trainer_temperature": self.temperature,
+                    "adapter": getattr(getattr(self.vllm_adapter_sync, "request", None), "lora_name", None),
                 })
                 return result
 
