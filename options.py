@@ -125,6 +125,13 @@ class PolarisOptions:
             "and stage length. Falls back to eager generation, with one line, where compiling fails."
         },
     )
+    vllm_optional: bool = field(
+        default=False,
+        metadata={
+            "help": "With --use_vllm: where vLLM is not installed or cannot serve the run (too old, a 4-bit base off "
+            "CUDA), sample with transformers instead of stopping, said in one line."
+        },
+    )
     vllm_importance_sampling_correction: bool = field(
         default=False,
         metadata={

@@ -299,7 +299,7 @@ def case_arguments(recipe: Path, checkpoint: Path, args: GpuCheckArguments, work
         "--max_steps", "1", "--stages", f"0:1.0:{args.completion_tokens}", "--max_prompt_length", str(args.prompt_tokens),
         "--generation_compile", str(args.generation_compile).lower(), "--save_strategy", "no", "--report_to", "none",
         "--logging_steps", "1", "--seed", "0", "--disable_tqdm", "true", "--rollout_rescue", "false",
-        "--informative_substitution", "false", "--temperature", "1.0",
+        "--informative_substitution", "false", "--temperature", "1.0", "--use_vllm", "false",  # the transformers path
         *([] if on_gpu else ["--dtype", "float32"]),  # the CPU computes in fp32
     ])  # fmt: skip
     return script_args, training_args, model_args

@@ -207,7 +207,9 @@ def test_auto_chunk_is_the_largest_the_recipes_gpu_holds(recipe, capsys):
     import memory_planner
     from train_grpo import main, parse_args
 
-    script_args, config, model_args = parse_args(["--config", str(ROOT / "recipes" / recipe), "--plan", "--gpu_memory", str(CONSUMER_RECIPES[recipe])])
+    # The transformers path: where vLLM is not installed the bf16 recipes fall back to it (vllm_optional).
+    recipe_args = ["--config", str(ROOT / "recipes" / recipe), "--use_vllm", "false"]
+    script_args, config, model_args = parse_args([*recipe_args, "--plan", "--gpu_memory", str(CONSUMER_RECIPES[recipe])])
     assert config.generation_chunk_size == "auto"
     plan = main(script_args, config, model_args)
     chunk = config.generation_chunk_size
@@ -219,10 +221,10 @@ def test_auto_chunk_is_the_largest_the_recipes_gpu_holds(recipe, capsys):
     assert max(memory_planner.estimate(plan.shape, one_more, length, gpu).generation_total for *_, length in plan.setup.stages) > gpu
 
     # A GPU twice as large samples more at once; one with room for the whole step samples all of it.
-    _, config, _ = parse_args(["--config", str(ROOT / "recipes" / recipe)])
+    _, config, _ = parse_args(recipe_args)
     memory_planner.resolve_auto_generation_chunk(replace(script_args, gpu_memory=2 * CONSUMER_RECIPES[recipe]), config, model_args)
     assert config.generation_chunk_size > chunk
-    _, config, _ = parse_args(["--config", str(ROOT / "recipes" / recipe)])
+    _, config, _ = parse_args(recipe_args)
     memory_planner.resolve_auto_generation_chunk(replace(script_args, gpu_memory=1000), config, model_args)
     assert config.generation_chunk_size == 64
 
@@ -233,7 +235,7 @@ def test_auto_chunk_where_nothing_can_be_planned_says_what_it_chose(monkeypatch)
     import memory_planner
     from train_grpo import parse_args
 
-    recipe = str(ROOT / "recipes" / "qwen3-0.6b-lora-8gb.yaml")
+    recipe = str(ROOT / "recipes" / "qwen3-4b-qlora-24gb.yaml")
     script_args, config, model_args = parse_args(["--config", recipe])
     monkeypatch.setattr(memory_planner, "local_gpu_memory_gib", lambda: None)
     note = memory_planner.resolve_auto_generation_chunk(script_args, config, model_args)
@@ -257,3 +259,22 @@ def test_plan_needs_no_vllm_installed(monkeypatch, capsys):
     args = parse_args(["--config", str(ROOT / "recipes" / "polaris-4b.yaml")])
     with pytest.raises(UserError, match="--use_vllm needs vLLM"):
         main(*args)
+
+
+def test_vllm_optional_falls_back_to_transformers_in_one_line(monkeypatch, capsys):
+    import importlib.util
+
+    from train_grpo import check_model_options, parse_args
+
+    recipe = str(ROOT / "recipes" / "qwen3-0.6b-lora-8gb.yaml")  # use_vllm with vllm_optional
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "vllm" else find_spec(name, *args))
+    _, training_args, model_args = parse_args(["--config", recipe])
+    assert training_args.use_vllm and training_args.vllm_optional
+    check_model_options(training_args, model_args)
+    assert not training_args.use_vllm
+    [note] = capsys.readouterr().err.strip().splitlines()
+    assert "not installed" in note and "sampling with transformers instead (--vllm_optional)" in note
+    _, training_args, model_args = parse_args(["--config", recipe, "--vllm_optional", "false"])
+    with pytest.raises(UserError, match="needs vLLM, which is not installed.*--vllm_optional true"):
+        check_model_options(training_args, model_args)

@@ -53,6 +53,9 @@ def test_recipe_parses(recipe):
     assert len(training_args.stages) == 3
     if model_args.load_in_4bit:
         assert model_args.use_peft and not training_args.use_vllm
+    elif recipe.name not in POLARIS_RECIPES:  # a bf16 base: vLLM serves the adapter where it is installed
+        assert training_args.use_vllm and training_args.vllm_optional and training_args.vllm_mode == "colocate"
+        assert training_args.vllm_enable_sleep_mode and training_args.vllm_max_model_length == 512 + training_args.stages[-1]["max_completion_length"]
 
 
 @pytest.mark.parametrize("recipe", CONSUMER_RECIPES, ids=[r.name for r in CONSUMER_RECIPES])

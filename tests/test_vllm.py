@@ -168,7 +168,7 @@ def test_lora_with_vllm_syncs_the_adapter_alone(vllm_installed, toy_world, tmp_p
             "--learning_rate", "1e-2")  # fmt: skip
     record, history = train(tmp_path, "lora", "--max_steps", "2", *lora)
     gaps = [entry[GAP] for entry in history]
-    assert len(gaps) == 2 and max(gaps) < SYNCED_GAP, gaps  # measured 0.003-0.004
+    assert len(gaps) == 2 and max(gaps) < SYNCED_GAP, gaps  # measured 0.003, 0.010
     assert [(c["step"], c["adapter"]) for c in record["vllm_calls"]] == [(0, "policy-1"), (1, "policy-2")]
     from safetensors.torch import load_file
 
