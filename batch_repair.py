@@ -40,6 +40,7 @@ constructed batches; `BatchRepairMixin` wires it into TRL's `GRPOTrainer` (see `
 """
 
 import base64
+import binascii
 import hashlib
 import json
 import os
@@ -53,11 +54,10 @@ from pathlib import Path
 
 import torch
 
-from data import UserError, prompt_id as problem_prompt_id, write_line
+from data import LEDGER_FILE, UserError, prompt_id as problem_prompt_id, write_line
 
 
 CORRECT_REWARD = 1.0  # accuracy rewards are 1.0 for a right answer, 0.0 otherwise
-LEDGER_FILE = "prompt_ledger.json"
 LEDGER_VERSION = 2  # 2: kept completions zlib-compressed, in base64; version-1 files (plain text) are still read
 LEDGER_COMPRESSION_LEVEL = 6  # zlib's default: fixed, so every process compresses to the same bytes
 
@@ -438,13 +438,22 @@ class PromptLedger:
         if not isinstance(content, dict) or content.get("version") not in (1, LEDGER_VERSION) or not isinstance(content.get("prompts"), dict):
             raise UserError(f"{path} is not a version-1 or version-{LEDGER_VERSION} prompt ledger")
         prompts = {}
-        for prompt_id, entry in content["prompts"].items():
-            if content["version"] == 1:
-                kept = compress_completion(entry["kept_completion"]) if entry.get("kept_completion") is not None else None
-            else:
-                kept = base64.b64decode(entry["kept_completion_zlib"]) if entry.get("kept_completion_zlib") is not None else None
-            prompts[prompt_id] = {"seen": entry["seen"], "group_rewards": entry["group_rewards"], "kept_zlib": kept, "kept_step": entry.get("kept_step")}
+        try:
+            for prompt_id, entry in content["prompts"].items():
+                if content["version"] == 1:
+                    kept = compress_completion(entry["kept_completion"]) if entry.get("kept_completion") is not None else None
+                else:
+                    kept = base64.b64decode(entry["kept_completion_zlib"]) if entry.get("kept_completion_zlib") is not None else None
+                rewards = [None if r is None else float(r) for r in entry.get("group_rewards") or []]
+                prompts[prompt_id] = {"seen": entry.get("seen", len(rewards)), "group_rewards": rewards, "kept_zlib": kept, "kept_step": entry.get("kept_step")}
+        except (AttributeError, TypeError, ValueError, binascii.Error) as error:
+            raise UserError(f"{path}: malformed prompt ledger entry ({error})") from error
         return cls(prompts)
+
+    def group_rewards(self) -> dict[str, list[float]]:
+        """{prompt_id: the mean reward of each of its groups, in order}; a group that could not be scored (null)
+        tells nothing and is left out."""
+        return {prompt_id: [r for r in entry["group_rewards"] if r is not None] for prompt_id, entry in self.prompts.items()}
 
 
 def pooled_mean_rewards(group_rewards: dict[str, list]) -> dict[str, float]:

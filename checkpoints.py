@@ -457,3 +457,59 @@ class CheckpointMixin:
         if self._resumable_sampler is not None and "epoch" in kwargs:
             self._resumable_sampler.set_epoch(kwargs["epoch"])
         return super()._run_epoch(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# A run's start and stop: which checkpoint to resume, an output directory that holds a run, an interrupt
+# ----------------------------------------------------------------------------------------------
+
+
+def find_resume_checkpoint(training_args) -> Path | None:
+    """The checkpoint `--resume_from_checkpoint` (a path, or `true` for the newest complete one) names."""
+    warn = print_warning if training_args.process_index == 0 else (lambda message: None)
+    return resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir, warn)
+
+
+RUN_FILES = ("trainer_state.json",)  # with checkpoint-N directories: what says a directory holds a run
+
+
+def previous_run(output_dir) -> list[str]:
+    """The names in `output_dir` that show a run was trained there (checkpoints, trainer_state.json)."""
+    directory = Path(output_dir)
+    if not directory.is_dir():
+        return []
+    return [path.name for path in list_checkpoints(directory)] + [name for name in RUN_FILES if (directory / name).exists()]
+
+
+def check_output_dir(script_args, training_args, resume_checkpoint: Path | None):
+    """A fresh run into a directory holding a run stops, unless `--overwrite_output_dir`, which clears it."""
+    found = previous_run(training_args.output_dir) if resume_checkpoint is None else []
+    if not found:
+        return
+    if not script_args.overwrite_output_dir:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise UserError(
+            f"{training_args.output_dir} already holds a run ({shown}): continue it with --resume_from_checkpoint true, "
+            "start afresh over it with --overwrite_output_dir true, or pick another --output_dir"
+        )
+    with training_args.main_process_first(desc="clearing the previous run"):
+        if training_args.process_index == 0:
+            for name in found:
+                path = Path(training_args.output_dir) / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            print(f"--overwrite_output_dir: removed the previous run in {training_args.output_dir} ({len(found)} entries)")
+
+
+def report_interrupt(trainer, interrupt, script: str, default_args: list[str]) -> dict:
+    """One line saying where the interrupted run's checkpoint is and how to go on from it: the command line
+    `script` was started with (`default_args` when it was started without any)."""
+    import signal
+
+    step = trainer.state.global_step
+    checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+    if trainer.accelerator.is_main_process:
+        argv = sys.argv if Path(sys.argv[0]).name == script else [script, "ARGUMENTS"]
+        command = resume_command(checkpoint, argv, default_args=default_args, num_processes=trainer.accelerator.num_processes)
+        print(f"interrupted at step {step} ({signal.Signals(interrupt.stopped_by).name}); checkpoint saved in {checkpoint}; resume with: {command}", flush=True)
+    trainer.accelerator.wait_for_everyone()  # under a launcher, no process exits (and gets the others stopped) before this line
+    return {"interrupted": signal.Signals(interrupt.stopped_by).name, "exit_code": interrupt.exit_code, "steps": step, "checkpoint": str(checkpoint)}

@@ -26,6 +26,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 DEFAULT_PROMPT_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
+LEDGER_FILE = "prompt_ledger.json"  # per-prompt rewards of a run: written by batch_repair.py, read by filter_data.py
 LOCAL_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 LOCAL_SUFFIXES = (*LOCAL_FORMATS, ".gguf")
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")  # `name` or `org/name`

@@ -71,7 +71,6 @@ BENCHMARKS = {
 POLARIS_BENCHMARKS = ("aime24", "aime25", "amc23", "minerva", "olympiad")
 DEFAULT_NUM_SAMPLES = 4  # for local files that are not named like a known benchmark
 SWEEP_NUM_SAMPLES = 16  # POLARIS's temperature search samples 16 answers per problem
-TOY_NAME = "toy"
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
 
@@ -257,7 +256,7 @@ def benchmark_specs(args: EvalArguments) -> list[tuple[str, str, dict, int]]:
         specs.append((name, hub.dataset, columns, hub.num_samples))
     for path in args.data:
         source = generation.resolve_toy(path, args.toy_dir, "test")
-        name = "toy" if path == TOY_NAME else Path(source).stem
+        name = generation.TOY_NAME if path == generation.TOY_NAME else Path(source).stem
         default_k = BENCHMARKS[name].num_samples if name in BENCHMARKS else DEFAULT_NUM_SAMPLES
         specs.append((name, source, dict(problem_column=args.problem_column, answer_column=args.answer_column), default_k))
     taken = Counter()

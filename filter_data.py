@@ -45,12 +45,11 @@ from pathlib import Path
 from typing import Literal
 
 import generation
-from data import DEFAULT_PROMPT_SUFFIX, UserError, check_options, load_problems, prompt_token_ids, run_cli
+from data import DEFAULT_PROMPT_SUFFIX, LEDGER_FILE, UserError, check_options, load_problems, prompt_token_ids, run_cli
 from toy import TOY_DIR_HELP, default_toy_dir
 
 
 OUTPUT_FORMATS = (".parquet", ".jsonl", ".json")
-LEDGER_NAME = "prompt_ledger.json"  # written by train_grpo.py into the run and every checkpoint
 SAMPLES_FILE_VERSION = 1
 TOY_MAX_TOKENS = 48  # the toy model's answers are short (recipes/demo.yaml uses the same)
 DEFAULT_MAX_TOKENS = 4096
@@ -85,7 +84,7 @@ class FilterArguments:
     min_pass_rate: float = field(default=0.0, metadata={"help": "Keep problems with pass rate >= this."})
     max_pass_rate: float | None = field(default=None, metadata={"help": "Keep problems with pass rate <= this (default: drop only k == n)."})
     from_training_log: str | None = field(
-        default=None, metadata={"help": f"Stage refresh: a training run's output_dir (or checkpoint, or {LEDGER_NAME}); no sampling."}
+        default=None, metadata={"help": f"Stage refresh: a training run's output_dir (or checkpoint, or {LEDGER_FILE}); no sampling."}
     )
     max_mean_reward: float = field(default=0.9, metadata={"help": "Stage refresh: drop prompts whose pooled mean reward is above this."})
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
@@ -393,40 +392,30 @@ def rule_text(args: FilterArguments) -> str:
 
 
 def find_ledger(run: str) -> Path:
-    """The run's own ledger, else the one in its latest checkpoint; `run` may also be the file itself."""
+    """The run's own ledger, else the one in its newest complete checkpoint (a checkpoint cut short while being
+    written is skipped, with a warning); `run` may also be the file itself."""
+    from checkpoints import is_complete, list_checkpoints, print_warning
+
     path = Path(run)
     if path.is_file():
         return path
-    if (path / LEDGER_NAME).is_file():
-        return path / LEDGER_NAME
-    in_checkpoints = [p for p in path.glob(f"checkpoint-*/{LEDGER_NAME}") if p.parent.name.split("-")[-1].isdigit()]
-    if in_checkpoints:
-        return max(in_checkpoints, key=lambda p: int(p.parent.name.split("-")[-1]))
-    raise UserError(f"no {LEDGER_NAME} in {run} or its checkpoint-* folders: give the output_dir of a training run (the ledger is written while it trains)")
-
-
-def read_ledger(path: Path) -> dict[str, list[float]]:
-    """{prompt_id: the mean reward of each of its groups, in order} from a version-1 or -2 ledger (they differ
-    only in how the kept completion is stored)."""
-    try:
-        ledger = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path} is not valid JSON ({error.msg}, line {error.lineno})") from error
-    if not isinstance(ledger, dict) or ledger.get("version") not in (1, 2) or not isinstance(ledger.get("prompts"), dict):
-        raise UserError(f"{path} is not a version-1 or -2 prompt ledger: expected {{\"version\": 2, \"prompts\": {{prompt_id: {{\"group_rewards\": [...]}}}}}}")
-    try:
-        # a group whose reward could not be computed is written as null: it tells nothing
-        return {pid: [float(r) for r in (entry.get("group_rewards") or []) if r is not None] for pid, entry in ledger["prompts"].items()}
-    except (AttributeError, TypeError, ValueError) as error:
-        raise UserError(f"{path}: malformed group_rewards ({error})") from error
+    if (path / LEDGER_FILE).is_file():
+        return path / LEDGER_FILE
+    for checkpoint in reversed(list_checkpoints(path)):
+        if not (checkpoint / LEDGER_FILE).is_file():
+            continue
+        if is_complete(checkpoint):
+            return checkpoint / LEDGER_FILE
+        print_warning(f"skipping {checkpoint}: incomplete (cut short while being written)")
+    raise UserError(f"no {LEDGER_FILE} in {run} or its complete checkpoint-* folders: give the output_dir of a training run (the ledger is written while it trains)")
 
 
 def refresh(args: FilterArguments) -> dict:
     """Drop the prompts whose rewards over the run were pooled above `max_mean_reward`; keep the unseen."""
-    from batch_repair import mastered_prompts, pooled_mean_rewards
+    from batch_repair import PromptLedger, mastered_prompts, pooled_mean_rewards
 
     ledger_path = find_ledger(args.from_training_log)
-    group_rewards = read_ledger(ledger_path)
+    group_rewards = PromptLedger.load(ledger_path).group_rewards()
     pooled = pooled_mean_rewards(group_rewards)
     if not pooled:
         raise UserError(f"{ledger_path} has no rewards yet: train for at least one step before refreshing")

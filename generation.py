@@ -382,13 +382,27 @@ def load_vllm(
         raise _load_error(path, error) from error
 
 
+def save_merged_model(adapter_dir: str | Path, merged_dir: str | Path, dtype=None, trust_remote_code: bool = False) -> Path:
+    """Merge a LoRA adapter into its base model and save the result, loadable without peft.
+
+    The base model is loaded again in full precision (`dtype`, default float32) on the CPU, so a QLoRA
+    adapter is merged into the unquantized weights and the GPU's memory is not needed.
+    """
+    import torch
+
+    merged = load_model(str(adapter_dir), dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, device=None)
+    merged_dir = Path(merged_dir)
+    merged.save_pretrained(merged_dir)
+    load_tokenizer(str(adapter_dir), trust_remote_code=trust_remote_code).save_pretrained(merged_dir)
+    return merged_dir
+
+
 def merge_adapter(model: str, target: Path, trust_remote_code: bool = False) -> str:
     """A LoRA adapter merged into its base and saved once into `target` (vLLM loads full models only)."""
     target = Path(target)
     if not (target / "config.json").is_file():
         print(f"Merging the adapter {model} into its base {adapter_base(model)}: {target}")
-        load_model(model, dtype="float32", trust_remote_code=trust_remote_code, device=None).save_pretrained(target)
-        load_tokenizer(model, trust_remote_code=trust_remote_code).save_pretrained(target)
+        save_merged_model(model, target, dtype="float32", trust_remote_code=trust_remote_code)
     return str(target)
 
 

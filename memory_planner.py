@@ -984,6 +984,22 @@ def resolve_auto_generation_chunk(script_args, training_args, model_args) -> str
             f"{gpu_memory:g} GiB GPU holds at the longest stage (sampling planned at {gib(planned)} GiB; halved on out-of-memory)")  # fmt: skip
 
 
+def launch_differs_from_plan(script_args, training_args) -> str | None:
+    """A note when the run was launched otherwise than the `--accelerate_config` its plan counts."""
+    import os
+
+    planned = distribution_from_accelerate_config(script_args.accelerate_config, script_args.num_gpus)
+    launched = "fsdp" if os.environ.get("ACCELERATE_USE_FSDP") == "true" else "deepspeed" if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" else None
+    wanted = {"fsdp": "fsdp", "zero2": "deepspeed", "zero3": "deepspeed"}.get(planned.get("sharding"))
+    if launched == wanted and training_args.world_size == planned["num_gpus"]:
+        return None
+    return (
+        f"the memory plan counts {script_args.accelerate_config} ({planned['num_gpus']} processes, {wanted or 'no sharding'}) "
+        f"but this run has {training_args.world_size} process(es), {launched or 'no sharding'}: launch with "
+        f"accelerate launch --config_file {script_args.accelerate_config}, or check the plan with --accelerate_config"
+    )
+
+
 def local_gpu_memory_gib() -> float | None:
     import torch
 

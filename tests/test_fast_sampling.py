@@ -264,7 +264,8 @@ def test_plan_needs_no_vllm_installed(monkeypatch, capsys):
 def test_vllm_optional_falls_back_to_transformers_in_one_line(monkeypatch, capsys):
     import importlib.util
 
-    from train_grpo import check_model_options, parse_args
+    from options import check_model_options
+    from train_grpo import parse_args
 
     recipe = str(ROOT / "recipes" / "qwen3-0.6b-lora-8gb.yaml")  # use_vllm with vllm_optional
     find_spec = importlib.util.find_spec

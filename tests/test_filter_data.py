@@ -331,19 +331,43 @@ def test_refresh_drops_exactly_the_prompts_above_the_threshold(tmp_path):
     assert summary["dropped"] == 5
 
 
-def test_refresh_reads_the_latest_checkpoint(tmp_path):
+def test_refresh_reads_the_newest_complete_checkpoint(tmp_path, capsys):
+    from batch_repair import PromptLedger
+    from checkpoints import COMPLETE_MARKER
     from data import UserError, prompt_id
-    from filter_data import find_ledger, read_ledger
+    from filter_data import find_ledger
 
-    write_ledger(tmp_path / "run" / "checkpoint-5" / "prompt_ledger.json", {prompt_id("x"): [1.0]}, version=1)
+    def checkpoint(step: int, rewards: list, version: int = 2, complete: bool = True):
+        write_ledger(tmp_path / "run" / f"checkpoint-{step}" / "prompt_ledger.json", {prompt_id("x"): rewards}, version=version)
+        if complete:
+            (tmp_path / "run" / f"checkpoint-{step}" / COMPLETE_MARKER).write_text("{}")
+        return tmp_path / "run" / f"checkpoint-{step}" / "prompt_ledger.json"
+
     # both versions read the same (version 1: earlier runs, plain-text completions)
-    assert read_ledger(tmp_path / "run" / "checkpoint-5" / "prompt_ledger.json") == {prompt_id("x"): [1.0]}
-    write_ledger(tmp_path / "run" / "checkpoint-20" / "prompt_ledger.json", {prompt_id("x"): [0.5]})
-    write_ledger(tmp_path / "run" / "checkpoint-100" / "prompt_ledger.json", {prompt_id("x"): [0.0]})
-    assert find_ledger(str(tmp_path / "run")) == tmp_path / "run" / "checkpoint-100" / "prompt_ledger.json"
-    assert read_ledger(tmp_path / "run" / "checkpoint-20" / "prompt_ledger.json") == {prompt_id("x"): [0.5]}
+    assert PromptLedger.load(checkpoint(5, [1.0], version=1)).group_rewards() == {prompt_id("x"): [1.0]}
+    checkpoint(20, [0.5])
+    newest = checkpoint(100, [0.0])
+    cut_short = checkpoint(200, [1.0], complete=False)  # killed while being written: its files may be partial
+    assert find_ledger(str(tmp_path / "run")) == newest
+    assert f"skipping {cut_short.parent}: incomplete" in capsys.readouterr().err
+    assert PromptLedger.load(tmp_path / "run" / "checkpoint-20" / "prompt_ledger.json").group_rewards() == {prompt_id("x"): [0.5]}
     with pytest.raises(UserError, match="no prompt_ledger.json"):
         find_ledger(str(tmp_path / "elsewhere"))
+
+
+def test_from_training_log_ignores_an_incomplete_checkpoint(tmp_path):
+    """The stage refresh reads the newest complete checkpoint's ledger: a newer one cut short (no completeness
+    marker) would drop prompts from rewards the run never finished saving."""
+    from checkpoints import COMPLETE_MARKER
+    from data import prompt_id
+
+    dataset = tmp_path / "problems.jsonl"
+    dataset.write_text("".join(json.dumps({"problem": p, "answer": "1"}) + "\n" for p in ("x", "y")))
+    write_ledger(tmp_path / "run" / "checkpoint-10" / "prompt_ledger.json", {prompt_id("x"): [0.5]})
+    (tmp_path / "run" / "checkpoint-10" / COMPLETE_MARKER).write_text("{}")
+    write_ledger(tmp_path / "run" / "checkpoint-20" / "prompt_ledger.json", {prompt_id("x"): [1.0, 1.0]})  # no marker
+    summary, _ = filter_in_process("--from_training_log", str(tmp_path / "run"), "--dataset", str(dataset), "--output", str(tmp_path / "next.jsonl"))
+    assert summary["dropped"] == 0 and summary["kept"] == 2
 
 
 # ----------------------------------------------------------------------------------------------

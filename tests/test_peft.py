@@ -107,7 +107,8 @@ def test_qlora_with_vllm_is_one_line_error(toy_world, tmp_path, monkeypatch, cap
 
 def test_quantization_without_peft_is_refused(toy_world):
     from data import UserError
-    from train_grpo import check_model_options, parse_args
+    from options import check_model_options
+    from train_grpo import parse_args
 
     _, training_args, model_args = parse_args(["--output_dir", "x", "--model_name_or_path", str(toy_world / "model"), "--load_in_8bit"])
     with pytest.raises(UserError, match="--use_peft"):

@@ -168,14 +168,15 @@ def test_accelerate_config_loads_as_accelerate_launch_loads_it(config, monkeypat
 
 
 def test_a_run_launched_otherwise_than_its_plan_is_noted(monkeypatch):
+    import memory_planner
     import train_grpo
 
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     script_args, training_args, _ = train_grpo.parse_args(["--config", str(ROOT / "recipes" / "polaris-4b.yaml")])
-    note = train_grpo.launch_differs_from_plan(script_args, training_args)
+    note = memory_planner.launch_differs_from_plan(script_args, training_args)
     assert "32 processes, fsdp" in note and "1 process(es), no sharding" in note
     script_args, training_args, _ = train_grpo.parse_args(
         ["--config", str(ROOT / "recipes" / "demo.yaml"), "--accelerate_config", str(ROOT / "accelerate" / "single_gpu.yaml")]
     )
-    assert train_grpo.launch_differs_from_plan(script_args, training_args) is None
+    assert memory_planner.launch_differs_from_plan(script_args, training_args) is None

@@ -169,7 +169,7 @@ def test_model_card_names_the_base_model():
     """TRL's own card for a local model says "[None](https://huggingface.co/None)"; ours names it."""
     from trl.trainer.utils import generate_model_card
 
-    from train_grpo import name_base_model_in_card
+    from polaris_trainer import name_base_model_in_card
 
     card = str(generate_model_card(base_model=None, model_name="demo", hub_model_id=None, dataset_name=None, tags=[],
                                    wandb_url=None, trackio_url=None, trainer_name="GRPO"))
@@ -260,7 +260,7 @@ def test_bitsandbytes_import_note_is_silenced_but_not_its_errors():
 
 
 def test_step_line():
-    from train_grpo import format_step_line
+    from report import format_step_line
 
     logs = {"loss": 0.1, "reward": 0.2, "frac_reward_zero_std": 0.5, "trained/reward": 0.25, "trained/frac_reward_zero_std": 0.25,
             "schedule/stage": 2, "completions/mean_length": 20.73}
