@@ -200,7 +200,7 @@ def vote_key(answer: str | None) -> str | None:
 def benchmark_metrics(problems: list[list[dict]], ngram_unit: str = "word") -> dict:
     """All metrics of one benchmark from its sample rows: `problems[i]` holds problem i's n rows
     (`correct`, `extracted_answer`, `completion`, `length`, `truncated`), every problem the same n."""
-    from schedules import sweep_row
+    from temperature_sweep import sweep_row
 
     if not problems:
         raise ValueError("no problems")
@@ -209,7 +209,7 @@ def benchmark_metrics(problems: list[list[dict]], ngram_unit: str = "word") -> d
         raise ValueError("every problem needs the same number of samples")
     correct = [[bool(row["correct"]) for row in rows] for rows in problems]
     # avg@n, its standard error over problems and distinct-4 come from the one implementation the
-    # temperature sweep uses (schedules.py).
+    # temperature sweep uses (temperature_sweep.py).
     row = sweep_row(
         None, [[float(c) for c in marks] for marks in correct], [[r["completion"] for r in rows] for rows in problems], n=4, unit=ngram_unit
     )
@@ -562,8 +562,8 @@ def warn_about_context(benchmarks: list[Benchmark], tokenizer, rope: dict, args:
 
 def report_sweep(temperatures: list[float], results: dict, benchmarks: list[Benchmark], args: EvalArguments) -> dict:
     """Accuracy and diversity per temperature over all problems of all the sets together, the
-    recommended temperature, and the JSON, plot and table (schedules.py)."""
-    from schedules import describe_rule, format_sweep_table, recommend_temperature, sweep_row, write_sweep_report
+    recommended temperature, and the JSON, plot and table (temperature_sweep.py)."""
+    from temperature_sweep import describe_rule, format_sweep_table, recommend_temperature, sweep_row, write_sweep_report
 
     rows = []
     for temperature in temperatures:
@@ -585,7 +585,7 @@ def main(args: EvalArguments) -> dict:
     check_arguments(args)
     specs = benchmark_specs(args)  # before any heavy import: a wrong name fails at once
     benchmarks = [load_benchmark(*spec, args) for spec in specs]
-    from schedules import parse_sweep_range
+    from temperature_sweep import parse_sweep_range
 
     temperatures = parse_sweep_range(args.sweep_temperature) if args.sweep_temperature else [args.temperature]
     model = generation.resolve_toy(args.model, args.toy_dir, "model")

@@ -339,6 +339,9 @@ class VLLMAdapterSync:
 
         generation = self.generation
         if generation.mode == "colocate" and generation.enable_sleep_mode:
+            from trl.generation.vllm_generation import empty_cache
+
+            empty_cache()  # as TRL's own sync does before waking vLLM: the trainer's cached blocks could crowd it out
             generation.llm.wake_up(tags=["weights"])
             if generation._llm_weights_sleeping:
                 generation.llm.llm_engine.model_executor.driver_worker.model_runner.reload_weights()

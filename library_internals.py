@@ -167,12 +167,12 @@ LIBRARY_INTERNALS = [
         signature="(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None)", library="transformers",
     ),
     LibraryInternal(
-        "batch_repair.BatchRepairMixin.log, train_grpo.PolarisGRPOTrainer.log", f"{GRPO}.log", METHOD_OVERRIDE,
+        "batch_repair.BatchRepairMixin.log, polaris_trainer.PolarisGRPOTrainer.log", f"{GRPO}.log", METHOD_OVERRIDE,
         "the final ledger with train()'s last log; the stage in force in every log",
         signature="(self, logs, start_time=None)",
     ),
     LibraryInternal(
-        "train_grpo.PolarisGRPOTrainer.__init__", f"{GRPO}.__init__", METHOD_OVERRIDE,
+        "polaris_trainer.PolarisGRPOTrainer.__init__", f"{GRPO}.__init__", METHOD_OVERRIDE,
         "reads `args` and `peft_config` by keyword; TRL builds its vLLM engine inside (vllm_engine_with_lora)",
         signature=(
             "(self, model, reward_funcs=None, args=None, train_dataset=None, eval_dataset=None, processing_class=None, "
@@ -181,7 +181,7 @@ LIBRARY_INTERNALS = [
         ),
     ),
     LibraryInternal(
-        "train_grpo.PolarisGRPOTrainer.create_model_card", f"{GRPO}.create_model_card", METHOD_OVERRIDE,
+        "polaris_trainer.PolarisGRPOTrainer.create_model_card", f"{GRPO}.create_model_card", METHOD_OVERRIDE,
         "names a local or toy base model where TRL's card writes [None](https://huggingface.co/None)",
         signature="(self, model_name=None, dataset_name=None, tags=None)", used_by=f"{GRPO}._save_checkpoint",
     ),
@@ -256,7 +256,7 @@ LIBRARY_INTERNALS = [
         "which sampler a stage and chunked sampling apply to (read with a default in schedules.py)",
     ),
     LibraryInternal(
-        "train_grpo.PolarisGRPOTrainer.__init__, schedules.apply_stage", f"{GRPO}.vllm_generation", ATTRIBUTE,
+        "polaris_trainer.PolarisGRPOTrainer.__init__, schedules.apply_stage", f"{GRPO}.vllm_generation", ATTRIBUTE,
         "TRL's vLLM sampler: its weight sync is replaced and a stage sets its sampling values",
     ),
     LibraryInternal(
@@ -291,6 +291,11 @@ LIBRARY_INTERNALS = [
         "generation.vllm_engine_with_lora", "trl.generation.vllm_generation.LLM", MONKEYPATCH,
         "TRL's colocated engine built with a LoRA slot (TRL passes fixed engine arguments)",
         used_by=f"{VLLM_GENERATION}._init_vllm", requires="vllm",
+    ),
+    LibraryInternal(
+        "generation.VLLMAdapterSync.sync_weights", "trl.generation.vllm_generation.empty_cache", CALL,
+        "the cache emptied before vLLM wakes up, as TRL's own sync does",
+        signature="()", requires="vllm",
     ),
     LibraryInternal(
         "generation.adapt_colocated_vllm, generation.VLLMAdapterSync.__init__", f"{VLLM_GENERATION}.sync_weights", MONKEYPATCH,
@@ -342,7 +347,7 @@ LIBRARY_INTERNALS = [
         used_by="transformers.training_args.TrainingArguments.device",
     ),
     LibraryInternal(
-        "train_grpo.step_line_callbacks", "transformers.trainer_callback.ProgressCallback.training_bar", ATTRIBUTE,
+        "report.step_line_callbacks", "transformers.trainer_callback.ProgressCallback.training_bar", ATTRIBUTE,
         "the one-line step log is written through tqdm's bar",
     ),
     LibraryInternal(

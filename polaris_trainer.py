@@ -95,12 +95,6 @@ class PolarisGRPOTrainer(CheckpointMixin, BatchRepairMixin, StepBatchMixin, GRPO
         self.current_stage = None
         self.stage_schedule = attach_stage_schedule(self)  # None without `stages`
 
-    def apply_stage(self, stage):
-        """Sample and score at `stage.temperature` with `stage.max_completion_length` from now on."""
-        from schedules import apply_stage
-
-        apply_stage(self, stage)
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if getattr(self, "stage_schedule", None) is not None and "loss" in logs:
             logs.update(self.stage_schedule.log_values())

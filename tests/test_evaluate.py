@@ -163,7 +163,7 @@ def group_by_problem(rows):
 
 def test_toy_run_on_aime24_and_the_toy_test_set_matches_its_samples_file(toy_world, shared_dir, tmp_path, capsys):
     from rewards import verify
-    from schedules import distinct_ngram_ratio
+    from temperature_sweep import distinct_ngram_ratio
 
     args = toy_args(
         toy_world, tmp_path, data=[str(toy_world / "test.jsonl"), str(shared_dir / "benchmarks" / "aime24.parquet")], max_problems=12, max_tokens=24
@@ -311,7 +311,7 @@ def test_a_half_written_line_is_dropped(tmp_path):
 
 
 def test_temperature_sweep_writes_the_report_from_its_samples(toy_world, tmp_path, capsys):
-    from schedules import distinct_ngram_ratio
+    from temperature_sweep import distinct_ngram_ratio
 
     summary = evaluate.main(toy_args(toy_world, tmp_path, max_problems=8, sweep_temperature="0.8:1.2:0.4"))
     report = json.loads((tmp_path / "temperature_sweep.json").read_text())

@@ -13,7 +13,7 @@ from library_internals import GRPO, METHOD_OVERRIDE, LIBRARY_INTERNALS, check_li
 
 
 MIXINS = ("batch_repair.BatchRepairMixin", "checkpoints.CheckpointMixin", "step_batch.StepBatchMixin")
-TRAINER = "train_grpo.PolarisGRPOTrainer"
+TRAINER = "polaris_trainer.PolarisGRPOTrainer"
 OUR_MODULES = sorted(path for path in ROOT.glob("*.py") if path.name != "library_internals.py")
 
 

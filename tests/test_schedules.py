@@ -8,17 +8,8 @@ import pytest
 
 from conftest import ROOT
 from data import UserError
-from schedules import (
-    Stage,
-    StageScheduleCallback,
-    distinct_ngram_ratio,
-    format_sweep_table,
-    parse_stages,
-    parse_sweep_range,
-    recommend_temperature,
-    sweep_row,
-    write_sweep_report,
-)
+from schedules import Stage, StageScheduleCallback, apply_stage, parse_stages
+from temperature_sweep import distinct_ngram_ratio, format_sweep_table, parse_sweep_range, recommend_temperature, sweep_row, write_sweep_report
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +218,7 @@ def test_apply_stage_updates_vllm_sampling(toy_world, tmp_path):
     trainer, _ = _make_trainer(toy_world, tmp_path, max_steps=1)
     trainer.use_vllm = True  # as if built with vLLM: only the generation object is faked
     trainer.vllm_generation = SimpleNamespace(temperature=OLD.temperature, max_completion_length=OLD.max_completion_length)
-    trainer.apply_stage(Stage(7, 1.3, 40))
+    apply_stage(trainer, Stage(7, 1.3, 40))
     assert trainer.vllm_generation.temperature == 1.3 and trainer.vllm_generation.max_completion_length == 40
     assert trainer.current_stage == Stage(7, 1.3, 40)
 
@@ -257,9 +248,12 @@ def test_fused_head_is_found_under_accelerate_autocast_wrapper(toy_world):
     assert torch.allclose(after[:, -4:], reference, atol=1e-5) and not torch.allclose(before, after)
 
 
-def test_callback_applies_the_stage_of_a_resumed_step():
+def test_callback_applies_the_stage_of_a_resumed_step(monkeypatch):
+    import schedules
+
     applied = []
-    trainer = SimpleNamespace(apply_stage=applied.append, accelerator=SimpleNamespace(is_main_process=False))
+    monkeypatch.setattr(schedules, "apply_stage", lambda trainer, stage: applied.append(stage))
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(is_main_process=False))
     stages = [Stage(0, 1.0, 8), Stage(10, 1.2, 16), Stage(20, 1.4, 32)]
     callback = StageScheduleCallback(trainer, stages)
     callback.on_train_begin(None, SimpleNamespace(global_step=15), None)  # resumed from checkpoint-15

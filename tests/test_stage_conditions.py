@@ -168,7 +168,8 @@ def test_refresh_drops_mastered_prompts_and_a_resumed_run_follows_the_same_stage
 def test_a_stage_chooses_its_temperature_in_the_run_by_the_sweep_rule(toy_world, tmp_path, monkeypatch):
     import generation
     from rewards import verify
-    from schedules import probe_problems, recommend_temperature, sweep_row
+    from schedules import probe_problems
+    from temperature_sweep import recommend_temperature, sweep_row
 
     sampled, original = {}, generation.sample_completions
 
