@@ -8,8 +8,11 @@ The reward is the only teacher in RL for reasoning, so the verifier must be:
   that it scores the same on a busy machine as on a quiet one, and at most `WALL_PER_CPU` times that in wall
   time, from the main thread, another thread or an asyncio loop alike;
 * fast: a normalised-string / exact-rational path decides most completions in microseconds; only the rest
-  go to math_verify, in a pebble ProcessPool (one worker per core, at most 8, forked from the standard library's
-  forkserver with math_verify preloaded) where a worker that overruns its deadline ends or is killed and replaced.
+  go to math_verify, in a pebble ProcessPool (one worker per core, at most 8, forked from the verifier's own
+  fork server with math_verify preloaded) where a worker that overruns its deadline ends or is killed and replaced;
+* callable from anywhere: a script with or without an `if __name__ == "__main__":` guard, one on standard input,
+  `python -c`, a notebook, a thread or a forked child. Workers never import the caller's `__main__`, so its code
+  never runs twice; workers that cannot start raise `RewardWorkerError` instead of scoring hard answers 0.
 
 Usage with GRPOTrainer (weights come from `GRPOConfig.reward_weights`, in the same order as the names):
 
@@ -21,24 +24,27 @@ rewards report `rewards/timeouts`, `rewards/errors`, `rewards/no_answer` and `re
 through TRL's `log_metric` callback, and also add them to the module-level counters `STATS`
 (`STATS.pop()` reads and resets them, e.g. once per logging step).
 
-Workers start from the standard library's forkserver, which imports the calling script as multiprocessing always
-does: a script that verifies at top level needs the usual `if __name__ == "__main__":` guard.
-
 Public API: `verify`, `verify_batch`, `accuracy_reward`, `think_accuracy_reward`, `format_reward`,
-`REWARD_FUNCS`, `get_reward_funcs`, `STATS` / `RewardStats`, `start_workers`, `shutdown_workers`.
+`REWARD_FUNCS`, `get_reward_funcs`, `STATS` / `RewardStats`, `start_workers`, `shutdown_workers`,
+`RewardWorkerError`.
 """
 
 import importlib
+import io
 import itertools
 import logging
 import math
 import numbers
 import os
 import re
+import sys
 import threading
 import time
 from fractions import Fraction
 from functools import lru_cache
+from multiprocessing import context as mp_context
+from multiprocessing import forkserver, popen_forkserver, reduction, spawn
+from multiprocessing import util as mp_util
 
 logger = logging.getLogger(__name__)
 
@@ -798,28 +804,77 @@ def _worker_pid() -> int:
     return os.getpid()
 
 
-def _forkserver_context():
-    """The standard library's forkserver: a fresh interpreter (not a fork of the trainer: its threads, CUDA state
-    and locks stay out) that imports the verifier once and forks each worker from that state in milliseconds.
+_WORKER_PRELOAD = [__name__, "sympy", "math_verify", "latex2sympy2_extended"]
+_MAIN_MODULE_KEYS = ("init_main_from_name", "init_main_from_path")
+_SERVER = None
+_SERVER_PID = None
+_SERVER_LOCK = threading.Lock()
 
-    `__main__` is preloaded too, as multiprocessing does by default: otherwise every worker would import the
-    calling script again. Its imports come along: under train_grpo.py (torch) the forkserver starts in ~7 s instead
-    of ~1.5 s, once per run, and forks from a process where torch has started a native thread that workers never
-    use. The forkserver is one per process; if something else started it first, workers import math_verify
-    themselves (slower start, same results).
+
+def _worker_fork_server():
+    """This process's own fork server (a fresh interpreter that imports the verifier once and forks each worker from
+    that state in milliseconds), started on first use and again in a forked child.
+
+    Its own, not the standard library's shared one: its preload list is the verifier's and nobody else's, and it
+    never imports the calling script (`__main__` is not preloaded).
     """
-    import multiprocessing
+    global _SERVER, _SERVER_PID
+    with _SERVER_LOCK:
+        if _SERVER is None or _SERVER_PID != os.getpid():
+            _SERVER, _SERVER_PID = forkserver.ForkServer(), os.getpid()
+            _SERVER.set_forkserver_preload(list(_WORKER_PRELOAD))
+        return _SERVER
 
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", __name__, "sympy", "math_verify", "latex2sympy2_extended"])
-    return context
+
+class _WorkerPopen(popen_forkserver.Popen):
+    """How a worker starts: `popen_forkserver.Popen._launch`, on the verifier's fork server, less `__main__`.
+
+    multiprocessing sends every child the path or module name of the parent's `__main__` to run again (as
+    `__mp_main__`) so that functions defined there can be unpickled. Workers run only this module's functions, so
+    that step is dropped: a script without an `if __name__ == "__main__":` guard, one read from standard input,
+    `python -c`, a notebook kernel or a forked child all call the verifier without their code running again.
+    """
+
+    def _launch(self, process_obj):
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        for key in _MAIN_MODULE_KEYS:
+            prep_data.pop(key, None)
+        buf = io.BytesIO()
+        mp_context.set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            mp_context.set_spawning_popen(None)
+        self.sentinel, w = _worker_fork_server().connect_to_new_process(self._fds)
+        parent_w = os.dup(w)  # the child's sentinel of its parent, as in the standard library
+        self.finalizer = mp_util.Finalize(self, mp_util.close_fds, (parent_w, self.sentinel))
+        with open(w, "wb", closefd=True) as f:
+            f.write(buf.getbuffer())
+        self.pid = forkserver.read_signed(self.sentinel)
+
+
+class _WorkerProcess(mp_context.ForkServerProcess):
+    @staticmethod
+    def _Popen(process_obj):
+        return _WorkerPopen(process_obj)
+
+
+class _WorkerContext(mp_context.ForkServerContext):
+    """The forkserver start method with the two changes of `_WorkerPopen`; what pebble starts workers with."""
+
+    Process = _WorkerProcess
+
+
+class RewardWorkerError(RuntimeError):
+    """The verifier's worker processes could not start: answers that need math_verify cannot be judged."""
 
 
 def _new_pool(size: int, initializer=_init_worker, initargs=None):
     from pebble import ProcessPool
 
     initargs = (WORKER_MEMORY_MB,) if initargs is None else initargs
-    return ProcessPool(max_workers=size, initializer=initializer, initargs=initargs, context=_forkserver_context())
+    return ProcessPool(max_workers=size, initializer=initializer, initargs=initargs, context=_WorkerContext())
 
 
 def _pool_size() -> int:
@@ -884,19 +939,49 @@ def _pool(fresh: bool = False):
 
 
 _RUN_LOCK = threading.Lock()
+_STARTED_POOL = None  # the pool whose workers have answered once
+
+
+def _started_pool(fresh: bool = False):
+    """The pool, once one of its workers has answered: a pool whose workers cannot start (a broken install, no
+    memory for a process) is one clear error, not every hard answer scored 0."""
+    global _STARTED_POOL
+    try:
+        pool = _pool(fresh)
+        if pool is not _STARTED_POOL:
+            pool.schedule(_worker_pid).result(timeout=WORKER_STARTUP_S)
+            _STARTED_POOL = pool
+    except Exception as error:
+        raise RewardWorkerError(
+            f"the reward verifier's worker processes could not start ({type(error).__name__}: {error}); check that "
+            f"`{os.path.basename(sys.executable)} -c 'import math_verify'` works"
+        ) from error
+    return pool
 
 
 def _verify_jobs(jobs: list, cpu_s: float, wall_s: float) -> list[tuple[float, str]]:
     """One caller at a time has the workers, so that another caller's jobs cannot eat into its time budget."""
     size = _pool_size()
     with _RUN_LOCK:
-        results = _run_jobs(_pool(), size, jobs, cpu_s, wall_s)
+        results = _run_jobs(_started_pool(), size, jobs, cpu_s, wall_s)
         broken = [i for i, (_, status) in enumerate(results) if status == "broken"]
         if broken:  # once, on a fresh pool: these jobs never ran, or ran on a pool that was already gone
-            retried = _run_jobs(_pool(fresh=True), size, [jobs[i] for i in broken], cpu_s, wall_s)
+            retried = _run_jobs(_started_pool(fresh=True), size, [jobs[i] for i in broken], cpu_s, wall_s)
             for i, result in zip(broken, retried, strict=True):
                 results[i] = result
     return [(score, "error" if status == "broken" else status) for score, status in results]
+
+
+def _forget_parent_pool() -> None:
+    """In a child forked from a caller: the parent's pool, fork server and locks (perhaps held by one of its
+    threads at the fork) are not this process's; the first hard answer starts its own."""
+    global _POOL_LOCK, _RUN_LOCK, _SERVER_LOCK, _STARTED_POOL
+    _POOL_LOCK, _RUN_LOCK, _SERVER_LOCK, _STARTED_POOL = threading.Lock(), threading.Lock(), threading.Lock(), None
+    STATS._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_parent_pool)
 
 
 def _worker_pids(timeout: float) -> set[int]:
@@ -918,12 +1003,15 @@ def start_workers(timeout: float = WORKER_STARTUP_S) -> bool:
 
 
 def shutdown_workers() -> None:
-    global _POOL
+    """Stop the workers and their fork server (the next hard answer starts them again)."""
+    global _POOL, _SERVER
     with _POOL_LOCK:
         if _POOL is not None and _POOL_PID == os.getpid():
             _POOL.stop()
             _POOL.join(timeout=10)
-        _POOL = None
+        if _SERVER is not None and _SERVER_PID == os.getpid():
+            _SERVER._stop()  # closes the server's lifeline pipe and reaps it
+        _POOL = _SERVER = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -966,11 +1054,7 @@ def _judge(completions: list, golds: list, require_think: bool, timeout: float |
         undecided = tuple({canonical(g): g for g, v in zip(gold_list, verdicts, strict=True) if v is None}.values())
         jobs.setdefault((undecided, answer), []).append(row)
     if jobs:
-        try:
-            verdicts = _verify_jobs(list(jobs), timeout, wall_timeout)
-        except Exception:  # e.g. no process could be started: these answers score 0 and are counted as errors
-            logger.exception("reward worker pool failed")
-            verdicts = [(0.0, "error")] * len(jobs)
+        verdicts = _verify_jobs(list(jobs), timeout, wall_timeout)  # RewardWorkerError if no worker can start
         for rows, (score, status) in zip(jobs.values(), verdicts, strict=True):
             for row in rows:
                 scores[row] = score

@@ -478,6 +478,23 @@ def test_broken_worker_install_scores_zero_without_hanging():
     assert time.perf_counter() - start < 10
 
 
+def test_workers_that_cannot_start_are_one_clear_error(monkeypatch):
+    """Through verify, a pool whose workers die on start-up raises RewardWorkerError, quickly, instead of scoring
+    every answer that needs math_verify 0; the fast path still judges, and a working pool comes back."""
+    R.shutdown_workers()
+    new_pool = R._new_pool
+    monkeypatch.setattr(R, "_new_pool", lambda size: new_pool(size, initializer=os._exit, initargs=(3,)))
+    start = time.perf_counter()
+    with pytest.raises(R.RewardWorkerError, match="could not start"):
+        R.verify("\\boxed{\\sqrt{12}}", "2\\sqrt{3}")
+    assert time.perf_counter() - start < 10
+    assert R.verify("\\boxed{0.75}", "3/4") == 1.0
+    monkeypatch.undo()
+    R.shutdown_workers()
+    assert R.start_workers()
+    assert R.verify("\\boxed{\\sqrt{12}}", "2\\sqrt{3}") == 1.0
+
+
 def test_repeated_answers_in_a_batch_are_judged_once(monkeypatch):
     dispatched = []
     run = R._run_jobs
