@@ -370,6 +370,8 @@ _RATIONAL = re.compile(
     r"|\\frac(?P<sn>\d)(?P<sd>\d)|(?P<qn>\d+)/(?P<qd>\d+))"
 )
 EXACT, DECIMAL, SCIENTIFIC = "exact", "decimal", "scientific"
+# Two numbers further apart than this, relative to their size, differ whatever math_verify's rounding says.
+_RELATIVE_GAP = Fraction(1, 10**5)
 
 
 @lru_cache(maxsize=4096)
@@ -437,9 +439,9 @@ def _clock(s: str):
 def _clock_verdict(gold: str, answer: str) -> bool | None:
     """Clock times compared as times (math_verify reads 14:05 as the ratio 14/5).
 
-    Ambiguity: `2:05` without AM/PM against `2:05 AM` or `2:05 PM` could be either half of the day, so it is not a
-    match (conservative); `14:05` against `2:05 PM` is. A gold that can only be a time (seconds, AM/PM or an hour
-    past 12) against an answer that is not a time is a miss; `1:20` may be a ratio and goes on as before.
+    A time without AM/PM is a 24-hour time: `9:30` is `9:30 a.m.` and not `9:30 p.m.`, `14:05` is `2:05 PM`. A gold
+    that can only be a time (seconds, AM/PM or an hour past 12) against an answer that is not a time is a miss;
+    `1:20` may be a ratio and goes on as before.
     """
     g = _clock(gold)
     if g is None:
@@ -447,16 +449,16 @@ def _clock_verdict(gold: str, answer: str) -> bool | None:
     a = _clock(answer)
     if a is None:
         return False if (g[1] or g[3] or g[2] > 12) else None
-    for plain, halved in ((g, a), (a, g)):
-        if halved[1] and not plain[1] and 1 <= plain[2] <= 12:
-            return False
     return g[0] == a[0]
 
 
 # Equations naming the same function differently: `g(t) = 3t+1` against `y = 3t+1`.
+# The name is a letter or a Greek letter: `\sin(x) = ...` is an equation in x, not a function named \sin.
+_GREEK = ("alpha|beta|gamma|delta|epsilon|varepsilon|zeta|eta|theta|vartheta|iota|kappa|lambda|mu|nu|xi|rho|sigma|tau|"
+          "upsilon|phi|varphi|chi|psi|omega|Gamma|Delta|Theta|Lambda|Xi|Sigma|Upsilon|Phi|Psi|Omega")
 _NAMED_EQUATION = re.compile(
-    r"\s*(?P<name>[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?\s*(?:(?:\\left)?\(\s*(?P<arg>[A-Za-z])\s*(?:\\right)?\))?"
-    r"\s*=(?P<rhs>[^=<>,;]+)"
+    rf"\s*(?P<name>[A-Za-z]|\\(?:{_GREEK})(?![A-Za-z]))(?:_\{{?\w+\}}?)?\s*"
+    r"(?:(?:\\left)?\(\s*(?P<arg>[A-Za-z])\s*(?:\\right)?\))?\s*=(?P<rhs>[^=<>,;]+)"
 )
 
 
@@ -501,24 +503,40 @@ def _unit_key(unit: str) -> str:
     return " ".join(words)
 
 
+# A unit in `\text{}` after any expression (`5\sqrt{2}\text{ cm}`): the wrapper says it is words, not variables.
+_TEXT_UNIT_TAIL = re.compile(
+    r"(?P<expr>.*?[^\s\\])\s*\\(?:text|textrm|textnormal|mathrm|mbox)\s*\{\s*(?P<unit>[A-Za-z][A-Za-z ]*?)\s*\}"
+    r"(?P<power>\s*\^\s*(?:\{\s*[23]\s*\}|[23]))?\s*"
+)
+_DEGREE_SIGN = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree(?![A-Za-z])")
+
+
+def _is_unit_word(word: str) -> bool:
+    return word in _UNIT_ABBREVIATIONS or (len(word) >= 3 and word.lower() not in _NOT_UNITS)
+
+
 def _split_unit(s: str, plain_needs_space: bool = True) -> tuple[str, str | None]:
-    """(number part, unit) when `s` is a number followed by a unit, else (s, None).
+    """(number part, unit) when `s` is a number followed by a unit, or any expression followed by a `\text{}` unit,
+    else (s, None).
 
     A unit is a known abbreviation or a word of three letters or more that is no mathematical word, so `3 e` and
     `5 x` stay products of variables while the `e` in `7 weeks` is never read as Euler's number. The number part
     may hold LaTeX (`\\frac{1}{2}`, `3 \\times 10^{8}`) but no bare letter.
     """
+    if len(s) > 200:
+        return s, None
     text = _plain(s).replace(" ^", "^")
     match = _NUMBER_AND_UNIT.fullmatch(text)
-    if match is None or len(text) > 200:
-        return s, None
-    number, unit = match["num"].strip(), match["unit"]
-    if re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+", "", number)) or not re.search(r"\d", number):
-        return s, None
-    if not all(w in _UNIT_ABBREVIATIONS or (len(w) >= 3 and w.lower() not in _NOT_UNITS)
-               for w in re.findall(r"[A-Za-z]+", unit)):
-        return s, None
-    return number, _unit_key(unit)
+    if match is not None:
+        number, unit = match["num"].strip(), match["unit"]
+        if (not re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+", "", number)) and re.search(r"\d", number)
+                and not re.search(r"[\w})]\s*[-+=<>,]", number)  # `5 + 2s` is a sum in s, not 7 seconds
+                and all(_is_unit_word(w) for w in re.findall(r"[A-Za-z]+", unit))):
+            return number, _unit_key(unit)
+    tail = _TEXT_UNIT_TAIL.fullmatch(s)
+    if tail is not None and "\\text" not in tail["expr"] and all(_is_unit_word(w) for w in tail["unit"].split()):
+        return tail["expr"].strip(), _unit_key(tail["unit"] + (tail["power"] or "").replace(" ", ""))
+    return s, None
 
 
 # Mixed numbers: `2 3/4` and `2\frac{3}{4}` are 11/4 (canonical() would make `2 3/4` the number 23/4).
@@ -556,6 +574,31 @@ def _degrees_in_trig(s: str) -> str:
     return _TRIG_DEGREES.sub(radians, s) if "\\" in s else s
 
 
+def _top_level_items(s: str) -> list[str]:
+    """`s` cut at its commas outside brackets and braces."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(s):
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(s[start:i])
+            start = i + 1
+    return items + [s[start:]]
+
+
+def _repeats_lost(gold: str, answer: str) -> bool:
+    """A list gold that repeats an item (`-2, -2`: a pair, or a double root) against a list of another length:
+    math_verify compares lists as sets, where `-2` would equal it. A bracketed answer is left to math_verify."""
+    items = _top_level_items(canonical(gold))  # canonical: no `\,`, whose comma is no separator
+    if len(items) < 2 or len(set(items)) == len(items):
+        return False
+    answer = canonical(answer)
+    answer_items = _top_level_items(answer)
+    return len(answer_items) != len(items) and not (len(answer_items) == 1 and answer[:1] in "([{\\")
+
+
 @lru_cache(maxsize=4096)
 def comparable_pair(gold: str, answer: str) -> tuple[str, str, bool | None]:
     """Gold and answer rewritten where math_verify misreads them, and a verdict when that alone settles it.
@@ -566,8 +609,15 @@ def comparable_pair(gold: str, answer: str) -> tuple[str, str, bool | None]:
     clock = _clock_verdict(gold, answer)
     if clock is not None:
         return gold, answer, clock
+    if _repeats_lost(gold, answer):
+        return gold, answer, False
     gold, answer = _same_function_names(gold, answer)
     (gold, gold_unit), (answer, answer_unit) = _split_unit(gold), _split_unit(answer)
+    # The degree sign is a unit too when the other side names one: `27^\circ` is not `27\text{ radians}`.
+    if answer_unit and not gold_unit and _DEGREE_SIGN.search(gold):
+        gold_unit = "degree"
+    if gold_unit and not answer_unit and _DEGREE_SIGN.search(answer):
+        answer_unit = "degree"
     if gold_unit and answer_unit and gold_unit != answer_unit:
         return gold, answer, False
     return _degrees_in_trig(_mixed_number(gold)), _degrees_in_trig(_mixed_number(answer)), None
@@ -600,6 +650,9 @@ def fast_match(gold: str, answer: str) -> bool | None:
     gap = abs(gv - av)
     if gap >= Fraction(2, 10**6) and gap >= max(abs(gv), abs(av)) * Fraction(1, 10**12):
         return False
+    # Below 0.1 the rounding keeps few significant digits (below 1e-6, none): 0.00000012 is not 0.00000015.
+    if gap > max(abs(gv), abs(av)) * _RELATIVE_GAP:
+        return False
     return None
 
 
@@ -626,17 +679,16 @@ def _math_verify():
     from latex2sympy2_extended import NormalizationConfig
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-    # Predictions: LaTeX only (ExprExtractionConfig goes through sympy's parse_expr, i.e. eval).
+    # Predictions: LaTeX only (ExprExtractionConfig goes through sympy's parse_expr, i.e. eval). math_verify's unit
+    # removal is off on both sides: it strips a trailing `t`, `s` or `m` as a unit, so `1+3t` read as 4. Units are
+    # split off by comparable_pair instead, where a bare letter stays a variable.
+    normalization = NormalizationConfig(
+        basic_latex=True, units=False, malformed_operators=True, nits=True, boxed="all", equations=False
+    )
     pred_config = [
-        LatexExtractionConfig(
-            normalization_config=NormalizationConfig(
-                basic_latex=True, units=True, malformed_operators=True, nits=True, boxed="all", equations=False
-            ),
-            boxed_match_priority=0,
-            try_extract_without_anchor=False,
-        )
+        LatexExtractionConfig(normalization_config=normalization, boxed_match_priority=0, try_extract_without_anchor=False)
     ]
-    gold_config = [LatexExtractionConfig(), ExprExtractionConfig()]
+    gold_config = [LatexExtractionConfig(normalization_config=normalization), ExprExtractionConfig()]
     return parse, verify, pred_config, gold_config
 
 
@@ -683,25 +735,63 @@ def _math_verify_match(golds: tuple, answer: str) -> float:
         if not gold_parsed:  # an unparseable gold never yields 1
             continue
         for g, p in itertools.product(gold_parsed, pred):
-            g, p = _imaginary_unit(g, p)
+            g, p = _bound_indices_renamed(g), _bound_indices_renamed(p)
+            g, p = _imaginary_unit(g, _symbols_as_in(g, p))
             g, p = _rational_exponents(g), _rational_exponents(p)
-            if not _number_vs_variables(g, p) and verify(g, p, timeout_seconds=None):
+            if _number_vs_variables(g, p) or _numbers_differ(g, p):
+                continue
+            if verify(g, p, timeout_seconds=None):
                 return 1.0
     return 0.0
 
 
+_IMAGINARY_NAMES = ({"i"}, {"j"})
+
+
 def _imaginary_unit(gold, pred):
-    """`i` as the imaginary unit when it is the gold's only variable (`3+4i`, `1 + i\\sqrt{3}`) and the answer has no
-    other one. A gold with more variables (`\\omega i`, `x_i`) keeps `i` a variable: too ambiguous to rewrite."""
+    """`i` (or the engineers' `j`) as the imaginary unit when it is the gold's only variable (`3+4i`,
+    `1 + i\\sqrt{3}`) and the answer has no other than `i` or `j`. A gold with more variables (`\\omega i`, `x_i`)
+    keeps `i` a variable: too ambiguous to rewrite."""
     import sympy
 
     if not (isinstance(gold, sympy.Expr) and isinstance(pred, sympy.Expr)):
         return gold, pred
     names = {s.name for s in gold.free_symbols}
-    if names != {"i"} or not {s.name for s in pred.free_symbols} <= names:
+    if names not in _IMAGINARY_NAMES or not {s.name for s in pred.free_symbols} <= {"i", "j"}:
         return gold, pred
     to_unit = {s: sympy.I for s in gold.free_symbols | pred.free_symbols}
     return gold.xreplace(to_unit), pred.xreplace(to_unit)
+
+
+def _bound_indices_renamed(expr):
+    """A sum's or product's index named `i` or `j` renamed: math_verify would take it for the imaginary unit
+    (`\\sum_{i=1}^n i^2` then differs from n(n+1)(2n+1)/6)."""
+    import sympy
+
+    if not isinstance(expr, sympy.Basic) or not expr.has(sympy.Sum, sympy.Product):
+        return expr
+
+    def rename(e):
+        mapping = {limit[0]: sympy.Symbol("k_index", integer=True) for limit in e.limits if limit[0].name in ("i", "j")}
+        limits = [(mapping.get(limit[0], limit[0]), *limit[1:]) for limit in e.limits]
+        return type(e)(e.function.xreplace(mapping), *limits)
+
+    try:
+        return expr.replace(lambda e: isinstance(e, (sympy.Sum, sympy.Product)), rename)
+    except Exception:  # an expression sympy cannot rebuild is compared as it was
+        return expr
+
+
+def _symbols_as_in(gold, pred):
+    """The answer's variables made the gold's variables of the same name: the parser marks them `real=False` next to
+    an `i` (`\\sum_{i=1}^n`), and sympy would then take `n` and `n` for two variables."""
+    import sympy
+
+    if not (isinstance(gold, sympy.Basic) and isinstance(pred, sympy.Basic)):
+        return pred
+    by_name = {s.name: s for s in gold.free_symbols}
+    mapping = {s: by_name[s.name] for s in pred.free_symbols if s.name in by_name and by_name[s.name] != s}
+    return pred.xreplace(mapping) if mapping else pred
 
 
 def _rational_exponents(expr):
@@ -728,14 +818,51 @@ def _rational_exponents(expr):
         return expr
 
 
+_SAMPLE_POINTS = (0.37, 1.29, 2.11)  # no special values of the usual functions
+
+
+def _numeric(expr) -> complex | None:
+    import sympy
+
+    try:
+        value = complex(sympy.N(expr, 30))
+    except (TypeError, ValueError, ArithmeticError):
+        return None
+    return value if math.isfinite(value.real) and math.isfinite(value.imag) else None
+
+
 def _number_vs_variables(gold, pred) -> bool:
     """A number against an expression in variables (10.1 vs e^{at}/2): never equal, since math_verify is strict
-    about variables, and proving it through simplify() is the slowest thing math_verify does."""
+    about variables, and proving it through simplify() is the slowest thing math_verify does. Unless the expression
+    takes the number's value wherever it is sampled (`\\sin^2 x + \\cos^2 x` against 1): math_verify decides that."""
     import sympy
 
     if not (isinstance(gold, sympy.Expr) and isinstance(pred, sympy.Expr)):
         return False  # relations, sets, tuples, matrices and strings have their own rules
-    return bool(gold.free_symbols) != bool(pred.free_symbols)
+    if bool(gold.free_symbols) == bool(pred.free_symbols):
+        return False
+    number, expression = (pred, gold) if gold.free_symbols else (gold, pred)
+    target = _numeric(number)
+    if target is None:
+        return True
+    for x in _SAMPLE_POINTS:
+        value = _numeric(expression.xreplace({s: sympy.Float(x) for s in expression.free_symbols}))
+        if value is None or abs(value - target) > 1e-9 * max(1.0, abs(target)):
+            return True
+    return False
+
+
+def _numbers_differ(gold, pred) -> bool:
+    """Two numbers further apart than _RELATIVE_GAP of their size (8.2 \\times 60^{-19} against
+    8.2 \\times 10^{-19}): math_verify rounds to 6 decimals, which makes all numbers below 1e-6 equal."""
+    import sympy
+
+    if not (isinstance(gold, sympy.Expr) and isinstance(pred, sympy.Expr)) or gold.free_symbols or pred.free_symbols:
+        return False
+    g, p = _numeric(gold), _numeric(pred)
+    if g is None or p is None:
+        return False
+    return abs(g - p) > max(abs(g), abs(p)) * float(_RELATIVE_GAP)
 
 
 _WARM_UP = [
