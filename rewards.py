@@ -37,7 +37,6 @@ import math
 import numbers
 import os
 import re
-import sys
 import threading
 import time
 from fractions import Fraction
@@ -508,6 +507,7 @@ _TEXT_UNIT_TAIL = re.compile(
     r"(?P<expr>.*?[^\s\\])\s*\\(?:text|textrm|textnormal|mathrm|mbox)\s*\{\s*(?P<unit>[A-Za-z][A-Za-z ]*?)\s*\}"
     r"(?P<power>\s*\^\s*(?:\{\s*[23]\s*\}|[23]))?\s*"
 )
+_TEXT_WRAPPER_NAME = re.compile(r"\\(?:text|textrm|textnormal|mathrm|mbox)(?![A-Za-z])")
 _DEGREE_SIGN = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree(?![A-Za-z])")
 
 
@@ -516,7 +516,7 @@ def _is_unit_word(word: str) -> bool:
 
 
 def _split_unit(s: str, plain_needs_space: bool = True) -> tuple[str, str | None]:
-    """(number part, unit) when `s` is a number followed by a unit, or any expression followed by a `\text{}` unit,
+    """(number part, unit) when `s` is a number followed by a unit, or any expression followed by a `\\text{}` unit,
     else (s, None).
 
     A unit is a known abbreviation or a word of three letters or more that is no mathematical word, so `3 e` and
@@ -534,7 +534,7 @@ def _split_unit(s: str, plain_needs_space: bool = True) -> tuple[str, str | None
                 and all(_is_unit_word(w) for w in re.findall(r"[A-Za-z]+", unit))):
             return number, _unit_key(unit)
     tail = _TEXT_UNIT_TAIL.fullmatch(s)
-    if tail is not None and "\\text" not in tail["expr"] and all(_is_unit_word(w) for w in tail["unit"].split()):
+    if tail is not None and not _TEXT_WRAPPER_NAME.search(tail["expr"]) and all(map(_is_unit_word, tail["unit"].split())):
         return tail["expr"].strip(), _unit_key(tail["unit"] + (tail["power"] or "").replace(" ", ""))
     return s, None
 
@@ -692,10 +692,14 @@ def _math_verify():
     return parse, verify, pred_config, gold_config
 
 
+# A `$` left inside an answer (`221,$8` for `$221$, $8$`): math_verify would read only what comes before it.
+_STRAY_DOLLAR = re.compile(r"(?<!\\)\$")
+
+
 @lru_cache(maxsize=4096)
 def _parse_gold(gold: str):
     parse, _, _, gold_config = _math_verify()
-    return parse(f"${gold}$", extraction_config=gold_config, parsing_timeout=None)
+    return parse(f"${_STRAY_DOLLAR.sub(' ', gold)}$", extraction_config=gold_config, parsing_timeout=None)
 
 
 def _is_false_equation(expr) -> bool:
@@ -725,7 +729,7 @@ def _math_verify_match(golds: tuple, answer: str) -> float:
                 return 1.0
             continue
         pred = parse(
-            "\\boxed{" + pair_answer + "}",
+            "\\boxed{" + _STRAY_DOLLAR.sub(" ", pair_answer) + "}",
             extraction_config=pred_config,
             extraction_mode="first_match",
             parsing_timeout=None,
@@ -931,7 +935,9 @@ def _worker_pid() -> int:
     return os.getpid()
 
 
-_WORKER_PRELOAD = [__name__, "sympy", "math_verify", "latex2sympy2_extended"]
+# Not this module: the fork server cannot see the caller's sys.path, and `import rewards` there could find another
+# copy (the one in its working directory). Each worker imports it after taking the caller's sys.path.
+_WORKER_PRELOAD = ["sympy", "math_verify", "latex2sympy2_extended"]
 _MAIN_MODULE_KEYS = ("init_main_from_name", "init_main_from_path")
 _SERVER = None
 _SERVER_PID = None
@@ -939,8 +945,8 @@ _SERVER_LOCK = threading.Lock()
 
 
 def _worker_fork_server():
-    """This process's own fork server (a fresh interpreter that imports the verifier once and forks each worker from
-    that state in milliseconds), started on first use and again in a forked child.
+    """This process's own fork server (a fresh interpreter that imports sympy and math_verify once and forks each
+    worker from that state in milliseconds), started on first use and again in a forked child.
 
     Its own, not the standard library's shared one: its preload list is the verifier's and nobody else's, and it
     never imports the calling script (`__main__` is not preloaded).
@@ -1080,8 +1086,8 @@ def _started_pool(fresh: bool = False):
             _STARTED_POOL = pool
     except Exception as error:
         raise RewardWorkerError(
-            f"the reward verifier's worker processes could not start ({type(error).__name__}: {error}); check that "
-            f"`{os.path.basename(sys.executable)} -c 'import math_verify'` works"
+            f"the reward verifier's worker processes could not start ({type(error).__name__}: {error}); a worker's own "
+            "error, if it got that far, is printed above (e.g. math_verify missing from this Python)"
         ) from error
     return pool
 

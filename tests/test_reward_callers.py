@@ -1,7 +1,7 @@
 """rewards.py from every kind of caller: a script with and without a main guard, a script on standard input,
 `python -c`, a notebook kernel, a thread and a forked child. Each runs in its own process, gets the scores that a
 guarded script run from a file gets, runs its top-level code once (workers never import the caller's `__main__`)
-and ends well within its time limit."""
+and ends well within its time limit, even beside another module named rewards in its working directory."""
 
 import json
 import os
@@ -120,6 +120,8 @@ KINDS = ["file_guarded", "file_no_guard", "stdin", "command", "notebook", "threa
 
 def test_every_kind_of_caller_gets_the_guarded_scripts_scores_and_runs_once(tmp_path):
     pytest.importorskip("nbclient")
+    # The callers run in tmp_path, beside another rewards.py: the workers must use the one the caller imported.
+    (tmp_path / "rewards.py").write_text('"""Another copy, in the working directory: not the verifier."""\n')
     started = {kind: start_caller(kind, tmp_path) for kind in KINDS}  # side by side: each mostly waits on start-up
     results = {}
     for kind, (process, marker) in started.items():
