@@ -3,20 +3,27 @@
 From every gold of ../shared/benchmarks (MATH500, AIME, AMC, Minerva, OlympiadBench, verifier_regression.json) it
 writes wrong answers by small edits that change the value (a digit, a sign, an operator, a function name, a variable,
 an exponent, a unit, an interval bound, the order of a tuple, AM/PM, a dropped term) and equivalent rewrites
-(reordered sums and lists, \\dfrac for \\frac, 0.5 for \\frac12, spacing, \\left( \\right)). Units, clock times and
-function equations are rare in the golds, so those edits also get golds built from the numeric ones.
+(reordered sums and lists, \\dfrac for \\frac, 0.5 for \\frac12, spacing, \\left( \\right)). What the verifier
+rewrites before math_verify sees it (units, clock times, function equations, mixed numbers, degrees inside
+trigonometric functions, decimal exponents, variables math_verify takes for units) is rare in the golds, so those
+edits also get golds built from the numeric ones.
 
 Whether an edit changed the value is decided without rewards.py: exactly (fractions) when gold and answer are plain
-numbers or lists of them, by construction for units, clock times and function names, and otherwise by evaluating both
-with sympy (latex2sympy2_extended) at random points; an edit the evaluation cannot read, or finds equal, is dropped.
+numbers or lists of them, by construction (or sympy's exact values) for the built golds, and otherwise by evaluating
+both with sympy (latex2sympy2_extended) at random points; an edit the evaluation cannot read, or finds equal, is
+dropped.
 
-    python benchmarks/verifier_mutations.py             # counts by edit, every false positive, some false negatives
+    python benchmarks/verifier_mutations.py                              # the CI sample (~7,000 answers)
+    python benchmarks/verifier_mutations.py --other_golds 0 --built 150  # every gold (~9,000, a few minutes)
     python benchmarks/verifier_mutations.py --seed 3
+
+It prints the counts by edit, every false positive and some false negatives.
 
 tests/test_verifier_mutations.py runs it in CI; benchmarks/bench_rewards.py prints its counts.
 """
 
 import json
+import math
 import os
 import random
 import re
@@ -41,9 +48,9 @@ class MutationArguments:
         metadata={"help": "The project's shared data folder (holds benchmarks/)."},
     )
     other_golds: int = field(
-        default=100, metadata={"help": "Golds other than plain numbers to edit (0: all); each costs math_verify time."}
+        default=60, metadata={"help": "Golds other than plain numbers to edit (0: all); each costs math_verify time."}
     )
-    built: int = field(default=25, metadata={"help": "Built golds per family that math_verify judges."})
+    built: int = field(default=15, metadata={"help": "Built golds per family that math_verify judges."})
     show: int = field(default=10, metadata={"help": "False negatives to print (false positives are all printed)."})
 
 
@@ -568,12 +575,64 @@ def function_equation_cases(values: list[str], rng: random.Random) -> list[Case]
     return cases
 
 
+def mixed_number_cases(rng: random.Random, count: int) -> list[Case]:
+    """`2 3/4` or `2\\frac{3}{4}` (11/4) against the same digits glued (`23/4`) or another whole or numerator."""
+    cases = []
+    for _ in range(count):
+        den = rng.randint(2, 9)
+        num, whole = rng.randint(1, den - 1), rng.randint(1, 9)
+        gold = rng.choice([f"{whole} {num}/{den}", f"{whole}\\frac{{{num}}}{{{den}}}", f"{whole}\\tfrac{{{num}}}{{{den}}}"])
+        answer = rng.choice([f"{whole}{num}/{den}", f"{whole + 1} {num}/{den}", f"\\frac{{{whole * den + num + 1}}}{{{den}}}"])
+        cases.append(Case("built", gold, answer, "digit"))  # 10w+n, (w+1)d+n and wd+n+1 are never wd+n
+    return cases
+
+
+_ANGLES = (0, 30, 45, 60, 90, 120, 135, 150, 180, 210, 225, 240, 270, 300, 315, 330)
+
+
+def trig_degree_cases(rng: random.Random, count: int) -> list[Case]:
+    """`\\sin 30^\\circ` against the value at another angle, and against `\\sin 30` (radians): values by sympy."""
+    import sympy
+
+    cases = []
+    while len(cases) < count:
+        name, (angle, other) = rng.choice(["sin", "cos", "tan"]), rng.sample(_ANGLES, 2)
+        function = getattr(sympy, name)
+        value, other_value = function(sympy.pi * angle / 180), function(sympy.pi * other / 180)
+        if value.has(sympy.zoo) or other_value.has(sympy.zoo):
+            continue
+        gold = rng.choice([f"\\{name} {angle}^\\circ", f"\\{name}({angle}^{{\\circ}})", f"\\{name} {angle}°"])
+        if rng.random() < 0.5 and abs(complex(sympy.N(value - other_value))) > 1e-9:
+            cases.append(Case("built", gold, sympy.latex(other_value), "digit"))
+        elif abs(complex(sympy.N(value - function(angle)))) > 1e-9:
+            cases.append(Case("built", gold, f"\\{name} {angle}", "unit"))  # the degree sign dropped: radians
+    return cases
+
+
+def decimal_exponent_cases(rng: random.Random, count: int) -> list[Case]:
+    """`x^{p/q}` against a decimal exponent: the same value (`x^{0.75}`) or a rounded one (`x^{0.33}` for 1/3)."""
+    cases = []
+    for _ in range(count):
+        den = rng.choice([2, 3, 4, 5, 6, 7, 8])
+        num = rng.choice([n for n in range(1, 2 * den) if math.gcd(n, den) == 1])
+        exponent, base = Fraction(num, den), rng.choice(["x", "t", "e", "10"])
+        gold = rng.choice([f"{base}^{{{num}/{den}}}", f"{base}^{{\\frac{{{num}}}{{{den}}}}}"])
+        written = _decimal_or_fraction(f"\\frac{{{num}}}{{{den}}}")
+        if written is not None:
+            cases.append(Case("built", gold, f"{base}^{{{written}}}", "decimal_fraction"))
+        else:
+            rounded = f"{float(exponent):.2f}"
+            if Fraction(rounded) != exponent:
+                cases.append(Case("built", gold, f"{base}^{{{rounded}}}", "exponent"))
+    return cases
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The search
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def build_cases(shared: Path, seed: int = 0, other_golds: int = 100, built: int = 25) -> list[Case]:
+def build_cases(shared: Path, seed: int = 0, other_golds: int = 60, built: int = 15) -> list[Case]:
     """Wrong answers (each shown to differ from its gold) and equivalent rewrites, seeded, without duplicates.
 
     Every gold that is a plain number gets several edits (cheap: the verifier's fast path decides most). Golds of
@@ -616,9 +675,10 @@ def build_cases(shared: Path, seed: int = 0, other_golds: int = 100, built: int 
     fractions = sorted({g for g in plain_numbers if 0 < abs(number_value(g)) < 1})
     values = sorted({number_value(g) for g in plain_numbers if abs(number_value(g)) < 1000})
     built_cases = (function_equation_cases(rng.sample(fractions, min(built, len(fractions))), rng)
-                   + variable_cases(rng, built) + bound_cases(values, rng, built))  # fmt: skip
+                   + variable_cases(rng, built) + bound_cases(values, rng, built) + mixed_number_cases(rng, built)
+                   + trig_degree_cases(rng, built) + decimal_exponent_cases(rng, built))  # fmt: skip
     for case in built_cases:
-        add(case, checked=False)  # different by construction: other solutions, another variable, another end
+        add(case, checked=False)  # decided by construction: see each family
     return cases
 
 
@@ -654,7 +714,7 @@ def summarize(cases: list[Case], scores: list[float]) -> dict:
     }
 
 
-def run(shared: Path, seed: int = 0, other_golds: int = 100, built: int = 25) -> dict:
+def run(shared: Path, seed: int = 0, other_golds: int = 60, built: int = 15) -> dict:
     cases = build_cases(shared, seed, other_golds, built)
     return summarize(cases, score_cases(cases))
 
