@@ -480,7 +480,7 @@ def _same_function_names(gold: str, answer: str) -> tuple[str, str]:
 # Units written as plain text: `7 days`, `12 m^2`, `40 km/h`, `3 square units` (and `\text{}` ones in answers).
 _UNIT_ABBREVIATIONS = frozenset(
     "m cm mm km s ms ns g kg mg h hr hrs min mL ml in ft yd mi lb lbs oz mph kph Hz kHz MHz GHz kW kWh eV keV MeV "
-    "nm um mol Pa kPa atm K".split()
+    "nm um mol Pa kPa atm K sq cu".split()
 )
 _NOT_UNITS = frozenset(
     "and or mod pmod sin cos tan cot sec csc log ln exp max min gcd lcm lim det arg inf sup not for all any are the "
@@ -507,6 +507,7 @@ _TEXT_UNIT_TAIL = re.compile(
     r"(?P<expr>.*?[^\s\\])\s*\\(?:text|textrm|textnormal|mathrm|mbox)\s*\{\s*(?P<unit>[A-Za-z][A-Za-z ]*?)\s*\}"
     r"(?P<power>\s*\^\s*(?:\{\s*[23]\s*\}|[23]))?\s*"
 )
+_ASSIGNED_NAME = re.compile(r"^\s*[A-Za-z](?:_\{?\w+\}?)?\s*=\s*")
 _TEXT_WRAPPER_NAME = re.compile(r"\\(?:text|textrm|textnormal|mathrm|mbox)(?![A-Za-z])")
 _DEGREE_SIGN = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree(?![A-Za-z])")
 
@@ -529,8 +530,9 @@ def _split_unit(s: str, plain_needs_space: bool = True) -> tuple[str, str | None
     match = _NUMBER_AND_UNIT.fullmatch(text)
     if match is not None:
         number, unit = match["num"].strip(), match["unit"]
-        if (not re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+", "", number)) and re.search(r"\d", number)
-                and not re.search(r"[\w})]\s*[-+=<>,]", number)  # `5 + 2s` is a sum in s, not 7 seconds
+        value = _ASSIGNED_NAME.sub("", number, count=1)  # `x = 5 cm`: the fast path drops the `x =` later
+        if (not re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+", "", value)) and re.search(r"\d", value)
+                and not re.search(r"[\w})]\s*[-+=<>,]", value)  # `5 + 2s` is a sum in s, not 7 seconds
                 and all(_is_unit_word(w) for w in re.findall(r"[A-Za-z]+", unit))):
             return number, _unit_key(unit)
     tail = _TEXT_UNIT_TAIL.fullmatch(s)
@@ -603,8 +605,9 @@ def _repeats_lost(gold: str, answer: str) -> bool:
 def comparable_pair(gold: str, answer: str) -> tuple[str, str, bool | None]:
     """Gold and answer rewritten where math_verify misreads them, and a verdict when that alone settles it.
 
-    Units: both present and different is a miss (`2 hours` is not `120 minutes`: conservative, no conversions);
-    one side without a unit compares the numbers, as `\\text{}` units always have.
+    Units: both present and different is a miss (`2 hours` is not `120 minutes`, `27^\\circ` is not
+    `27\\text{ radians}`: conservative, no conversions); one side without a unit compares the numbers, as `\\text{}`
+    units always have. A list gold that repeats an item (`-2, -2`) needs as many items in the answer.
     """
     clock = _clock_verdict(gold, answer)
     if clock is not None:
