@@ -195,6 +195,11 @@ CLASS_RIGHT = {
     "function_name": [("y = 3t+1", "g(t) = 3t+1"), ("f(x) = 2x+1", "y = 2x+1"), ("h(t) = 2t^2", "g(t) = 2t^2")],
     "float_exponent": [("e^{0.5x}", "e^{x/2}"), ("10^{0.3}", "10^{3/10}"), ("x^{2.5}", "x^{5/2}"),
                        ("x^{1/2}", "x^{0.5}")],
+    # Found by the mutation search (tests/test_verifier_mutations.py) or listed with it: answers once refused.
+    "variable_not_unit": [("3t+1", "1+3t"), ("s^{2} + 1 + b s", "s^{2}+b s+1"), ("x = 5 cm", "5"),
+                          ("5\\sqrt{2}\\text{ cm}", "5\\sqrt{2}")],
+    "identity": [("\\sin^2 x+\\cos^2 x", "1"), ("\\sum_{i=1}^n i^2", "\\frac{n(n+1)(2n+1)}{6}"), ("3+4j", "3+4i")],
+    "stray_dollar": [("221, 8", "221,$8"), ("a=2, a=-6-4\\sqrt{2}", "a=2$, $a=-6-4 \\sqrt{2}")],
 }
 CLASS_WRONG = {
     "mixed_number": [("23/4", "2 3/4"), ("2.5", "2 3/4"), ("1.5", "2 3/4"), ("2.75", "-2 3/4")],
@@ -211,6 +216,13 @@ CLASS_WRONG = {
     "function_name": [("y = 3t+2", "g(t) = 3t+1"), ("x = 2y+1", "y = 2x+1"), ("g(y) = 2y+1", "f(x) = 2x+1"),
                       ("f(t) = 2t+1", "f(x) = 2x+1")],
     "float_exponent": [("x^{0.33}", "x^{1/3}"), ("x^{0.6667}", "x^{2/3}"), ("e^{0.5x}", "e^{x/3}"), ("x^{1.5}", "x^{5/2}")],
+    # Found by the mutation search: wrong answers once paid.
+    "function_name_is_no_label": [("\\cos(x)=\\frac{42}{59}", "\\sin(x)=\\frac{42}{59}"), ("\\cot t=0.1", "\\tan t=0.1")],
+    "variable_not_unit": [("4", "1+3t"), ("7", "5 + 2s"), ("x+4", "x+4m"), ("2 + 3 s", "2 + 3 t")],
+    "angle_unit": [("27\\text{ radians}", "27^\\circ"), ("105^\\circ", "105\\text{ radians}")],
+    "tiny_number": [("0.00000015", "0.00000012"), (".0000671", ".0000672"), ("8.224 \\times 60^{-19}", "8.224 \\times 10^{-19}")],
+    "repeated_item": [("-2", "-2,-2")],
+    "stray_dollar": [("221", "221,$8")],
 }
 
 
