@@ -296,7 +296,8 @@ def main():
     args = parse_args()
     shared = Path(args.shared)
     if not (shared / "benchmarks").is_dir():
-        sys.exit(f"shared data not found at {shared} (set POLARIS_SHARED or --shared)")
+        print(f"error: shared data not found at {shared} (set POLARIS_SHARED or --shared)", file=sys.stderr)
+        sys.exit(2)
     import rewards
 
     rng = random.Random(args.seed)
