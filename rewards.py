@@ -8,8 +8,11 @@ The reward is the only teacher in RL for reasoning, so the verifier must be:
   that it scores the same on a busy machine as on a quiet one, and at most `WALL_PER_CPU` times that in wall
   time, from the main thread, another thread or an asyncio loop alike;
 * fast: a normalised-string / exact-rational path decides most completions in microseconds; only the rest
-  go to math_verify, in a pebble ProcessPool (one worker per core, at most 8, forked from the standard library's
-  forkserver with math_verify preloaded) where a worker that overruns its deadline ends or is killed and replaced.
+  go to math_verify, in a pebble ProcessPool (one worker per core, at most 8, forked from the verifier's own
+  fork server with math_verify preloaded) where a worker that overruns its deadline ends or is killed and replaced;
+* callable from anywhere: a script with or without an `if __name__ == "__main__":` guard, one on standard input,
+  `python -c`, a notebook, a thread or a forked child. Workers never import the caller's `__main__`, so its code
+  never runs twice; workers that cannot start raise `RewardWorkerError` instead of scoring hard answers 0.
 
 Usage with GRPOTrainer (weights come from `GRPOConfig.reward_weights`, in the same order as the names):
 
@@ -21,14 +24,13 @@ rewards report `rewards/timeouts`, `rewards/errors`, `rewards/no_answer` and `re
 through TRL's `log_metric` callback, and also add them to the module-level counters `STATS`
 (`STATS.pop()` reads and resets them, e.g. once per logging step).
 
-Workers start from the standard library's forkserver, which imports the calling script as multiprocessing always
-does: a script that verifies at top level needs the usual `if __name__ == "__main__":` guard.
-
 Public API: `verify`, `verify_batch`, `accuracy_reward`, `think_accuracy_reward`, `format_reward`,
-`REWARD_FUNCS`, `get_reward_funcs`, `STATS` / `RewardStats`, `start_workers`, `shutdown_workers`.
+`REWARD_FUNCS`, `get_reward_funcs`, `STATS` / `RewardStats`, `start_workers`, `shutdown_workers`,
+`RewardWorkerError`.
 """
 
 import importlib
+import io
 import itertools
 import logging
 import math
@@ -39,6 +41,9 @@ import threading
 import time
 from fractions import Fraction
 from functools import lru_cache
+from multiprocessing import context as mp_context
+from multiprocessing import forkserver, popen_forkserver, reduction, spawn
+from multiprocessing import util as mp_util
 
 logger = logging.getLogger(__name__)
 
@@ -364,6 +369,8 @@ _RATIONAL = re.compile(
     r"|\\frac(?P<sn>\d)(?P<sd>\d)|(?P<qn>\d+)/(?P<qd>\d+))"
 )
 EXACT, DECIMAL, SCIENTIFIC = "exact", "decimal", "scientific"
+# Two numbers further apart than this, relative to their size, differ whatever math_verify's rounding says.
+_RELATIVE_GAP = Fraction(1, 10**5)
 
 
 @lru_cache(maxsize=4096)
@@ -431,9 +438,9 @@ def _clock(s: str):
 def _clock_verdict(gold: str, answer: str) -> bool | None:
     """Clock times compared as times (math_verify reads 14:05 as the ratio 14/5).
 
-    Ambiguity: `2:05` without AM/PM against `2:05 AM` or `2:05 PM` could be either half of the day, so it is not a
-    match (conservative); `14:05` against `2:05 PM` is. A gold that can only be a time (seconds, AM/PM or an hour
-    past 12) against an answer that is not a time is a miss; `1:20` may be a ratio and goes on as before.
+    A time without AM/PM is a 24-hour time: `9:30` is `9:30 a.m.` and not `9:30 p.m.`, `14:05` is `2:05 PM`. A gold
+    that can only be a time (seconds, AM/PM or an hour past 12) against an answer that is not a time is a miss;
+    `1:20` may be a ratio and goes on as before.
     """
     g = _clock(gold)
     if g is None:
@@ -441,16 +448,16 @@ def _clock_verdict(gold: str, answer: str) -> bool | None:
     a = _clock(answer)
     if a is None:
         return False if (g[1] or g[3] or g[2] > 12) else None
-    for plain, halved in ((g, a), (a, g)):
-        if halved[1] and not plain[1] and 1 <= plain[2] <= 12:
-            return False
     return g[0] == a[0]
 
 
 # Equations naming the same function differently: `g(t) = 3t+1` against `y = 3t+1`.
+# The name is a letter or a Greek letter: `\sin(x) = ...` is an equation in x, not a function named \sin.
+_GREEK = ("alpha|beta|gamma|delta|epsilon|varepsilon|zeta|eta|theta|vartheta|iota|kappa|lambda|mu|nu|xi|rho|sigma|tau|"
+          "upsilon|phi|varphi|chi|psi|omega|Gamma|Delta|Theta|Lambda|Xi|Sigma|Upsilon|Phi|Psi|Omega")
 _NAMED_EQUATION = re.compile(
-    r"\s*(?P<name>[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?\s*(?:(?:\\left)?\(\s*(?P<arg>[A-Za-z])\s*(?:\\right)?\))?"
-    r"\s*=(?P<rhs>[^=<>,;]+)"
+    rf"\s*(?P<name>[A-Za-z]|\\(?:{_GREEK})(?![A-Za-z]))(?:_\{{?\w+\}}?)?\s*"
+    r"(?:(?:\\left)?\(\s*(?P<arg>[A-Za-z])\s*(?:\\right)?\))?\s*=(?P<rhs>[^=<>,;]+)"
 )
 
 
@@ -473,7 +480,7 @@ def _same_function_names(gold: str, answer: str) -> tuple[str, str]:
 # Units written as plain text: `7 days`, `12 m^2`, `40 km/h`, `3 square units` (and `\text{}` ones in answers).
 _UNIT_ABBREVIATIONS = frozenset(
     "m cm mm km s ms ns g kg mg h hr hrs min mL ml in ft yd mi lb lbs oz mph kph Hz kHz MHz GHz kW kWh eV keV MeV "
-    "nm um mol Pa kPa atm K".split()
+    "nm um mol Pa kPa atm K sq cu".split()
 )
 _NOT_UNITS = frozenset(
     "and or mod pmod sin cos tan cot sec csc log ln exp max min gcd lcm lim det arg inf sup not for all any are the "
@@ -495,24 +502,43 @@ def _unit_key(unit: str) -> str:
     return " ".join(words)
 
 
+# A unit in `\text{}` after any expression (`5\sqrt{2}\text{ cm}`): the wrapper says it is words, not variables.
+_TEXT_UNIT_TAIL = re.compile(
+    r"(?P<expr>.*?[^\s\\])\s*\\(?:text|textrm|textnormal|mathrm|mbox)\s*\{\s*(?P<unit>[A-Za-z][A-Za-z ]*?)\s*\}"
+    r"(?P<power>\s*\^\s*(?:\{\s*[23]\s*\}|[23]))?\s*"
+)
+_ASSIGNED_NAME = re.compile(r"^\s*[A-Za-z](?:_\{?\w+\}?)?\s*=\s*")
+_TEXT_WRAPPER_NAME = re.compile(r"\\(?:text|textrm|textnormal|mathrm|mbox)(?![A-Za-z])")
+_DEGREE_SIGN = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree(?![A-Za-z])")
+
+
+def _is_unit_word(word: str) -> bool:
+    return word in _UNIT_ABBREVIATIONS or (len(word) >= 3 and word.lower() not in _NOT_UNITS)
+
+
 def _split_unit(s: str, plain_needs_space: bool = True) -> tuple[str, str | None]:
-    """(number part, unit) when `s` is a number followed by a unit, else (s, None).
+    """(number part, unit) when `s` is a number followed by a unit, or any expression followed by a `\\text{}` unit,
+    else (s, None).
 
     A unit is a known abbreviation or a word of three letters or more that is no mathematical word, so `3 e` and
     `5 x` stay products of variables while the `e` in `7 weeks` is never read as Euler's number. The number part
     may hold LaTeX (`\\frac{1}{2}`, `3 \\times 10^{8}`) but no bare letter.
     """
+    if len(s) > 200:
+        return s, None
     text = _plain(s).replace(" ^", "^")
     match = _NUMBER_AND_UNIT.fullmatch(text)
-    if match is None or len(text) > 200:
-        return s, None
-    number, unit = match["num"].strip(), match["unit"]
-    if re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+", "", number)) or not re.search(r"\d", number):
-        return s, None
-    if not all(w in _UNIT_ABBREVIATIONS or (len(w) >= 3 and w.lower() not in _NOT_UNITS)
-               for w in re.findall(r"[A-Za-z]+", unit)):
-        return s, None
-    return number, _unit_key(unit)
+    if match is not None:
+        number, unit = match["num"].strip(), match["unit"]
+        value = _ASSIGNED_NAME.sub("", number, count=1)  # `x = 5 cm`: the fast path drops the `x =` later
+        if (not re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+", "", value)) and re.search(r"\d", value)
+                and not re.search(r"[\w})]\s*[-+=<>,]", value)  # `5 + 2s` is a sum in s, not 7 seconds
+                and all(_is_unit_word(w) for w in re.findall(r"[A-Za-z]+", unit))):
+            return number, _unit_key(unit)
+    tail = _TEXT_UNIT_TAIL.fullmatch(s)
+    if tail is not None and not _TEXT_WRAPPER_NAME.search(tail["expr"]) and all(map(_is_unit_word, tail["unit"].split())):
+        return tail["expr"].strip(), _unit_key(tail["unit"] + (tail["power"] or "").replace(" ", ""))
+    return s, None
 
 
 # Mixed numbers: `2 3/4` and `2\frac{3}{4}` are 11/4 (canonical() would make `2 3/4` the number 23/4).
@@ -550,18 +576,51 @@ def _degrees_in_trig(s: str) -> str:
     return _TRIG_DEGREES.sub(radians, s) if "\\" in s else s
 
 
+def _top_level_items(s: str) -> list[str]:
+    """`s` cut at its commas outside brackets and braces."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(s):
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(s[start:i])
+            start = i + 1
+    return items + [s[start:]]
+
+
+def _repeats_lost(gold: str, answer: str) -> bool:
+    """A list gold that repeats an item (`-2, -2`: a pair, or a double root) against a list of another length:
+    math_verify compares lists as sets, where `-2` would equal it. A bracketed answer is left to math_verify."""
+    items = _top_level_items(canonical(gold))  # canonical: no `\,`, whose comma is no separator
+    if len(items) < 2 or len(set(items)) == len(items):
+        return False
+    answer = canonical(answer)
+    answer_items = _top_level_items(answer)
+    return len(answer_items) != len(items) and not (len(answer_items) == 1 and answer[:1] in "([{\\")
+
+
 @lru_cache(maxsize=4096)
 def comparable_pair(gold: str, answer: str) -> tuple[str, str, bool | None]:
     """Gold and answer rewritten where math_verify misreads them, and a verdict when that alone settles it.
 
-    Units: both present and different is a miss (`2 hours` is not `120 minutes`: conservative, no conversions);
-    one side without a unit compares the numbers, as `\\text{}` units always have.
+    Units: both present and different is a miss (`2 hours` is not `120 minutes`, `27^\\circ` is not
+    `27\\text{ radians}`: conservative, no conversions); one side without a unit compares the numbers, as `\\text{}`
+    units always have. A list gold that repeats an item (`-2, -2`) needs as many items in the answer.
     """
     clock = _clock_verdict(gold, answer)
     if clock is not None:
         return gold, answer, clock
+    if _repeats_lost(gold, answer):
+        return gold, answer, False
     gold, answer = _same_function_names(gold, answer)
     (gold, gold_unit), (answer, answer_unit) = _split_unit(gold), _split_unit(answer)
+    # The degree sign is a unit too when the other side names one: `27^\circ` is not `27\text{ radians}`.
+    if answer_unit and not gold_unit and _DEGREE_SIGN.search(gold):
+        gold_unit = "degree"
+    if gold_unit and not answer_unit and _DEGREE_SIGN.search(answer):
+        answer_unit = "degree"
     if gold_unit and answer_unit and gold_unit != answer_unit:
         return gold, answer, False
     return _degrees_in_trig(_mixed_number(gold)), _degrees_in_trig(_mixed_number(answer)), None
@@ -594,6 +653,9 @@ def fast_match(gold: str, answer: str) -> bool | None:
     gap = abs(gv - av)
     if gap >= Fraction(2, 10**6) and gap >= max(abs(gv), abs(av)) * Fraction(1, 10**12):
         return False
+    # Below 0.1 the rounding keeps few significant digits (below 1e-6, none): 0.00000012 is not 0.00000015.
+    if gap > max(abs(gv), abs(av)) * _RELATIVE_GAP:
+        return False
     return None
 
 
@@ -620,24 +682,27 @@ def _math_verify():
     from latex2sympy2_extended import NormalizationConfig
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-    # Predictions: LaTeX only (ExprExtractionConfig goes through sympy's parse_expr, i.e. eval).
+    # Predictions: LaTeX only (ExprExtractionConfig goes through sympy's parse_expr, i.e. eval). math_verify's unit
+    # removal is off on both sides: it strips a trailing `t`, `s` or `m` as a unit, so `1+3t` read as 4. Units are
+    # split off by comparable_pair instead, where a bare letter stays a variable.
+    normalization = NormalizationConfig(
+        basic_latex=True, units=False, malformed_operators=True, nits=True, boxed="all", equations=False
+    )
     pred_config = [
-        LatexExtractionConfig(
-            normalization_config=NormalizationConfig(
-                basic_latex=True, units=True, malformed_operators=True, nits=True, boxed="all", equations=False
-            ),
-            boxed_match_priority=0,
-            try_extract_without_anchor=False,
-        )
+        LatexExtractionConfig(normalization_config=normalization, boxed_match_priority=0, try_extract_without_anchor=False)
     ]
-    gold_config = [LatexExtractionConfig(), ExprExtractionConfig()]
+    gold_config = [LatexExtractionConfig(normalization_config=normalization), ExprExtractionConfig()]
     return parse, verify, pred_config, gold_config
+
+
+# A `$` left inside an answer (`221,$8` for `$221$, $8$`): math_verify would read only what comes before it.
+_STRAY_DOLLAR = re.compile(r"(?<!\\)\$")
 
 
 @lru_cache(maxsize=4096)
 def _parse_gold(gold: str):
     parse, _, _, gold_config = _math_verify()
-    return parse(f"${gold}$", extraction_config=gold_config, parsing_timeout=None)
+    return parse(f"${_STRAY_DOLLAR.sub(' ', gold)}$", extraction_config=gold_config, parsing_timeout=None)
 
 
 def _is_false_equation(expr) -> bool:
@@ -667,7 +732,7 @@ def _math_verify_match(golds: tuple, answer: str) -> float:
                 return 1.0
             continue
         pred = parse(
-            "\\boxed{" + pair_answer + "}",
+            "\\boxed{" + _STRAY_DOLLAR.sub(" ", pair_answer) + "}",
             extraction_config=pred_config,
             extraction_mode="first_match",
             parsing_timeout=None,
@@ -677,25 +742,63 @@ def _math_verify_match(golds: tuple, answer: str) -> float:
         if not gold_parsed:  # an unparseable gold never yields 1
             continue
         for g, p in itertools.product(gold_parsed, pred):
-            g, p = _imaginary_unit(g, p)
+            g, p = _bound_indices_renamed(g), _bound_indices_renamed(p)
+            g, p = _imaginary_unit(g, _symbols_as_in(g, p))
             g, p = _rational_exponents(g), _rational_exponents(p)
-            if not _number_vs_variables(g, p) and verify(g, p, timeout_seconds=None):
+            if _number_vs_variables(g, p) or _numbers_differ(g, p):
+                continue
+            if verify(g, p, timeout_seconds=None):
                 return 1.0
     return 0.0
 
 
+_IMAGINARY_NAMES = ({"i"}, {"j"})
+
+
 def _imaginary_unit(gold, pred):
-    """`i` as the imaginary unit when it is the gold's only variable (`3+4i`, `1 + i\\sqrt{3}`) and the answer has no
-    other one. A gold with more variables (`\\omega i`, `x_i`) keeps `i` a variable: too ambiguous to rewrite."""
+    """`i` (or the engineers' `j`) as the imaginary unit when it is the gold's only variable (`3+4i`,
+    `1 + i\\sqrt{3}`) and the answer has no other than `i` or `j`. A gold with more variables (`\\omega i`, `x_i`)
+    keeps `i` a variable: too ambiguous to rewrite."""
     import sympy
 
     if not (isinstance(gold, sympy.Expr) and isinstance(pred, sympy.Expr)):
         return gold, pred
     names = {s.name for s in gold.free_symbols}
-    if names != {"i"} or not {s.name for s in pred.free_symbols} <= names:
+    if names not in _IMAGINARY_NAMES or not {s.name for s in pred.free_symbols} <= {"i", "j"}:
         return gold, pred
     to_unit = {s: sympy.I for s in gold.free_symbols | pred.free_symbols}
     return gold.xreplace(to_unit), pred.xreplace(to_unit)
+
+
+def _bound_indices_renamed(expr):
+    """A sum's or product's index named `i` or `j` renamed: math_verify would take it for the imaginary unit
+    (`\\sum_{i=1}^n i^2` then differs from n(n+1)(2n+1)/6)."""
+    import sympy
+
+    if not isinstance(expr, sympy.Basic) or not expr.has(sympy.Sum, sympy.Product):
+        return expr
+
+    def rename(e):
+        mapping = {limit[0]: sympy.Symbol("k_index", integer=True) for limit in e.limits if limit[0].name in ("i", "j")}
+        limits = [(mapping.get(limit[0], limit[0]), *limit[1:]) for limit in e.limits]
+        return type(e)(e.function.xreplace(mapping), *limits)
+
+    try:
+        return expr.replace(lambda e: isinstance(e, (sympy.Sum, sympy.Product)), rename)
+    except Exception:  # an expression sympy cannot rebuild is compared as it was
+        return expr
+
+
+def _symbols_as_in(gold, pred):
+    """The answer's variables made the gold's variables of the same name: the parser marks them `real=False` next to
+    an `i` (`\\sum_{i=1}^n`), and sympy would then take `n` and `n` for two variables."""
+    import sympy
+
+    if not (isinstance(gold, sympy.Basic) and isinstance(pred, sympy.Basic)):
+        return pred
+    by_name = {s.name: s for s in gold.free_symbols}
+    mapping = {s: by_name[s.name] for s in pred.free_symbols if s.name in by_name and by_name[s.name] != s}
+    return pred.xreplace(mapping) if mapping else pred
 
 
 def _rational_exponents(expr):
@@ -722,14 +825,51 @@ def _rational_exponents(expr):
         return expr
 
 
+_SAMPLE_POINTS = (0.37, 1.29, 2.11)  # no special values of the usual functions
+
+
+def _numeric(expr) -> complex | None:
+    import sympy
+
+    try:
+        value = complex(sympy.N(expr, 30))
+    except (TypeError, ValueError, ArithmeticError):
+        return None
+    return value if math.isfinite(value.real) and math.isfinite(value.imag) else None
+
+
 def _number_vs_variables(gold, pred) -> bool:
     """A number against an expression in variables (10.1 vs e^{at}/2): never equal, since math_verify is strict
-    about variables, and proving it through simplify() is the slowest thing math_verify does."""
+    about variables, and proving it through simplify() is the slowest thing math_verify does. Unless the expression
+    takes the number's value wherever it is sampled (`\\sin^2 x + \\cos^2 x` against 1): math_verify decides that."""
     import sympy
 
     if not (isinstance(gold, sympy.Expr) and isinstance(pred, sympy.Expr)):
         return False  # relations, sets, tuples, matrices and strings have their own rules
-    return bool(gold.free_symbols) != bool(pred.free_symbols)
+    if bool(gold.free_symbols) == bool(pred.free_symbols):
+        return False
+    number, expression = (pred, gold) if gold.free_symbols else (gold, pred)
+    target = _numeric(number)
+    if target is None:
+        return True
+    for x in _SAMPLE_POINTS:
+        value = _numeric(expression.xreplace({s: sympy.Float(x) for s in expression.free_symbols}))
+        if value is None or abs(value - target) > 1e-9 * max(1.0, abs(target)):
+            return True
+    return False
+
+
+def _numbers_differ(gold, pred) -> bool:
+    """Two numbers further apart than _RELATIVE_GAP of their size (8.2 \\times 60^{-19} against
+    8.2 \\times 10^{-19}): math_verify rounds to 6 decimals, which makes all numbers below 1e-6 equal."""
+    import sympy
+
+    if not (isinstance(gold, sympy.Expr) and isinstance(pred, sympy.Expr)) or gold.free_symbols or pred.free_symbols:
+        return False
+    g, p = _numeric(gold), _numeric(pred)
+    if g is None or p is None:
+        return False
+    return abs(g - p) > max(abs(g), abs(p)) * float(_RELATIVE_GAP)
 
 
 _WARM_UP = [
@@ -798,28 +938,79 @@ def _worker_pid() -> int:
     return os.getpid()
 
 
-def _forkserver_context():
-    """The standard library's forkserver: a fresh interpreter (not a fork of the trainer: its threads, CUDA state
-    and locks stay out) that imports the verifier once and forks each worker from that state in milliseconds.
+# Not this module: the fork server cannot see the caller's sys.path, and `import rewards` there could find another
+# copy (the one in its working directory). Each worker imports it after taking the caller's sys.path.
+_WORKER_PRELOAD = ["sympy", "math_verify", "latex2sympy2_extended"]
+_MAIN_MODULE_KEYS = ("init_main_from_name", "init_main_from_path")
+_SERVER = None
+_SERVER_PID = None
+_SERVER_LOCK = threading.Lock()
 
-    `__main__` is preloaded too, as multiprocessing does by default: otherwise every worker would import the
-    calling script again. Its imports come along: under train_grpo.py (torch) the forkserver starts in ~7 s instead
-    of ~1.5 s, once per run, and forks from a process where torch has started a native thread that workers never
-    use. The forkserver is one per process; if something else started it first, workers import math_verify
-    themselves (slower start, same results).
+
+def _worker_fork_server():
+    """This process's own fork server (a fresh interpreter that imports sympy and math_verify once and forks each
+    worker from that state in milliseconds), started on first use and again in a forked child.
+
+    Its own, not the standard library's shared one: its preload list is the verifier's and nobody else's, and it
+    never imports the calling script (`__main__` is not preloaded).
     """
-    import multiprocessing
+    global _SERVER, _SERVER_PID
+    with _SERVER_LOCK:
+        if _SERVER is None or _SERVER_PID != os.getpid():
+            _SERVER, _SERVER_PID = forkserver.ForkServer(), os.getpid()
+            _SERVER.set_forkserver_preload(list(_WORKER_PRELOAD))
+        return _SERVER
 
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", __name__, "sympy", "math_verify", "latex2sympy2_extended"])
-    return context
+
+class _WorkerPopen(popen_forkserver.Popen):
+    """How a worker starts: `popen_forkserver.Popen._launch`, on the verifier's fork server, less `__main__`.
+
+    multiprocessing sends every child the path or module name of the parent's `__main__` to run again (as
+    `__mp_main__`) so that functions defined there can be unpickled. Workers run only this module's functions, so
+    that step is dropped: a script without an `if __name__ == "__main__":` guard, one read from standard input,
+    `python -c`, a notebook kernel or a forked child all call the verifier without their code running again.
+    """
+
+    def _launch(self, process_obj):
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        for key in _MAIN_MODULE_KEYS:
+            prep_data.pop(key, None)
+        buf = io.BytesIO()
+        mp_context.set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            mp_context.set_spawning_popen(None)
+        self.sentinel, w = _worker_fork_server().connect_to_new_process(self._fds)
+        parent_w = os.dup(w)  # the child's sentinel of its parent, as in the standard library
+        self.finalizer = mp_util.Finalize(self, mp_util.close_fds, (parent_w, self.sentinel))
+        with open(w, "wb", closefd=True) as f:
+            f.write(buf.getbuffer())
+        self.pid = forkserver.read_signed(self.sentinel)
+
+
+class _WorkerProcess(mp_context.ForkServerProcess):
+    @staticmethod
+    def _Popen(process_obj):
+        return _WorkerPopen(process_obj)
+
+
+class _WorkerContext(mp_context.ForkServerContext):
+    """The forkserver start method with the two changes of `_WorkerPopen`; what pebble starts workers with."""
+
+    Process = _WorkerProcess
+
+
+class RewardWorkerError(RuntimeError):
+    """The verifier's worker processes could not start: answers that need math_verify cannot be judged."""
 
 
 def _new_pool(size: int, initializer=_init_worker, initargs=None):
     from pebble import ProcessPool
 
     initargs = (WORKER_MEMORY_MB,) if initargs is None else initargs
-    return ProcessPool(max_workers=size, initializer=initializer, initargs=initargs, context=_forkserver_context())
+    return ProcessPool(max_workers=size, initializer=initializer, initargs=initargs, context=_WorkerContext())
 
 
 def _pool_size() -> int:
@@ -884,19 +1075,49 @@ def _pool(fresh: bool = False):
 
 
 _RUN_LOCK = threading.Lock()
+_STARTED_POOL = None  # the pool whose workers have answered once
+
+
+def _started_pool(fresh: bool = False):
+    """The pool, once one of its workers has answered: a pool whose workers cannot start (a broken install, no
+    memory for a process) is one clear error, not every hard answer scored 0."""
+    global _STARTED_POOL
+    try:
+        pool = _pool(fresh)
+        if pool is not _STARTED_POOL:
+            pool.schedule(_worker_pid).result(timeout=WORKER_STARTUP_S)
+            _STARTED_POOL = pool
+    except Exception as error:
+        raise RewardWorkerError(
+            f"the reward verifier's worker processes could not start ({type(error).__name__}: {error}); a worker's own "
+            "error, if it got that far, is printed above (e.g. math_verify missing from this Python)"
+        ) from error
+    return pool
 
 
 def _verify_jobs(jobs: list, cpu_s: float, wall_s: float) -> list[tuple[float, str]]:
     """One caller at a time has the workers, so that another caller's jobs cannot eat into its time budget."""
     size = _pool_size()
     with _RUN_LOCK:
-        results = _run_jobs(_pool(), size, jobs, cpu_s, wall_s)
+        results = _run_jobs(_started_pool(), size, jobs, cpu_s, wall_s)
         broken = [i for i, (_, status) in enumerate(results) if status == "broken"]
         if broken:  # once, on a fresh pool: these jobs never ran, or ran on a pool that was already gone
-            retried = _run_jobs(_pool(fresh=True), size, [jobs[i] for i in broken], cpu_s, wall_s)
+            retried = _run_jobs(_started_pool(fresh=True), size, [jobs[i] for i in broken], cpu_s, wall_s)
             for i, result in zip(broken, retried, strict=True):
                 results[i] = result
     return [(score, "error" if status == "broken" else status) for score, status in results]
+
+
+def _forget_parent_pool() -> None:
+    """In a child forked from a caller: the parent's pool, fork server and locks (perhaps held by one of its
+    threads at the fork) are not this process's; the first hard answer starts its own."""
+    global _POOL_LOCK, _RUN_LOCK, _SERVER_LOCK, _STARTED_POOL
+    _POOL_LOCK, _RUN_LOCK, _SERVER_LOCK, _STARTED_POOL = threading.Lock(), threading.Lock(), threading.Lock(), None
+    STATS._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_parent_pool)
 
 
 def _worker_pids(timeout: float) -> set[int]:
@@ -918,12 +1139,15 @@ def start_workers(timeout: float = WORKER_STARTUP_S) -> bool:
 
 
 def shutdown_workers() -> None:
-    global _POOL
+    """Stop the workers and their fork server (the next hard answer starts them again)."""
+    global _POOL, _SERVER
     with _POOL_LOCK:
         if _POOL is not None and _POOL_PID == os.getpid():
             _POOL.stop()
             _POOL.join(timeout=10)
-        _POOL = None
+        if _SERVER is not None and _SERVER_PID == os.getpid():
+            _SERVER._stop()  # closes the server's lifeline pipe and reaps it
+        _POOL = _SERVER = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -966,11 +1190,7 @@ def _judge(completions: list, golds: list, require_think: bool, timeout: float |
         undecided = tuple({canonical(g): g for g, v in zip(gold_list, verdicts, strict=True) if v is None}.values())
         jobs.setdefault((undecided, answer), []).append(row)
     if jobs:
-        try:
-            verdicts = _verify_jobs(list(jobs), timeout, wall_timeout)
-        except Exception:  # e.g. no process could be started: these answers score 0 and are counted as errors
-            logger.exception("reward worker pool failed")
-            verdicts = [(0.0, "error")] * len(jobs)
+        verdicts = _verify_jobs(list(jobs), timeout, wall_timeout)  # RewardWorkerError if no worker can start
         for rows, (score, status) in zip(jobs.values(), verdicts, strict=True):
             for row in rows:
                 scores[row] = score

@@ -6,6 +6,9 @@ answer, no box, cut off mid-box), surrounded by long reasoning text. It prints c
 latency (p50/p99/max), the speed ratio and how often the two rewards agree, then times one pathological completion
 through each reward from a worker thread, where math_verify's signal-based timeouts cannot work.
 
+It then prints the false-positive and false-negative counts of the seeded mutation search of
+benchmarks/verifier_mutations.py (wrong answers made by small edits of the golds, and equivalent rewrites).
+
 It also times the worker pool's start-up and the replacement of a killed worker, as ratios to a fresh interpreter
 that only imports math_verify (the least any process-based verifier pays), and scores a correct `\\sum` answer
 (~1 s of CPU) on a machine made busy with CPU burners: under the CPU-time deadline and, for comparison, under a
@@ -273,11 +276,28 @@ def busy_machine_sum(burners: int) -> dict:
             proc.wait()
 
 
+def print_mutation_counts(shared: Path, seed: int, quick: bool) -> None:
+    """Precision and recall of this project's verifier on the mutation search: with --quick the sample that
+    tests/test_verifier_mutations.py asserts in CI, else every gold (a few minutes)."""
+    import verifier_mutations
+
+    start = time.perf_counter()
+    size = {} if quick else {"other_golds": 0, "built": 150}
+    summary = verifier_mutations.run(shared, seed, **size)
+    scope = "CI sample" if quick else "every gold"
+    print(f"\nmutation search ({scope}, seed {seed}, {time.perf_counter() - start:.0f}s): {summary['wrong']} wrong answers, "
+          f"false positives (scored 1) {summary['false_positives']}; {summary['equivalent']} equivalent rewrites, "
+          f"false negatives (scored 0) {summary['false_negatives']} (recall {summary['recall']:.2%})")
+    for case in summary["false_positive_cases"][:10]:
+        print(f"  false positive [{case.edit}] gold {case.gold!r} answer {case.answer!r}")
+
+
 def main():
     args = parse_args()
     shared = Path(args.shared)
     if not (shared / "benchmarks").is_dir():
-        sys.exit(f"shared data not found at {shared} (set POLARIS_SHARED or --shared)")
+        print(f"error: shared data not found at {shared} (set POLARIS_SHARED or --shared)", file=sys.stderr)
+        sys.exit(2)
     import rewards
 
     rng = random.Random(args.seed)
@@ -321,6 +341,8 @@ def main():
     print(f"{'form':<15}{'n':>6}  (ours, TRL) counts")
     for form, counts in sorted(by_form.items()):
         print(f"{form:<15}{sum(counts.values()):>6}  {dict(sorted(counts.items(), key=str))}")
+
+    print_mutation_counts(shared, args.seed, quick=args.quick)
 
     print(f"\nworst case, from a worker thread: {PATHOLOGICAL!r} against gold {PATHOLOGICAL_GOLD!r}")
     seconds, score = worst_case_ours(PATHOLOGICAL)

@@ -54,12 +54,9 @@ def workers():
 # Golds the verifier cannot handle end to end, with the reason. Kept honest by the test below.
 UNHANDLED_GOLDS: dict[str, str] = {}
 
-# Golds math_verify itself cannot match against their own boxed copy (the string path accepts them).
-MATH_VERIFY_UNPARSEABLE = {
-    "f(x)=a x+b$, where $b$ is an arbitrary integer, and $a$ is an arbitrary positive integer with $\\mho(a)=0":
-        "prose answer (OlympiadBench); math_verify extracts only part of it",
-    "221,$8": "malformed gold `$221,$8$` (OlympiadBench, stray $ inside)",
-}
+# Golds math_verify itself cannot match against their own boxed copy (the string path accepts them). None since
+# stray `$` inside a gold (`221,$8`, OlympiadBench's prose answers) are read as spaces.
+MATH_VERIFY_UNPARSEABLE: dict[str, str] = {}
 
 
 def _items(gold) -> list:
@@ -186,7 +183,9 @@ CLASS_RIGHT = {
     "mixed_number": [("2.75", "2 3/4"), ("\\frac{11}{4}", "2 3/4"), ("2 3/4", "2.75"), ("-2.75", "-2 3/4")],
     "plain_unit": [("7", "7 days"), ("7\\text{ days}", "7 days"), ("3", "3 weeks"), ("12", "12 m^2"),
                    ("12\\text{ m}^2", "12 m^2"), ("40", "40 km/h"), ("40 km/h", "40")],
-    "clock_time": [("14:05:00", "14:05"), ("2:05 PM", "14:05"), ("14:05", "2:05 p.m."), ("09:30", "9:30"), ("12:15\\text{ AM}", "00:15")],
+    # A time without AM/PM is a 24-hour time: 9:30 is 9:30 a.m.
+    "clock_time": [("14:05:00", "14:05"), ("2:05 PM", "14:05"), ("14:05", "2:05 p.m."), ("09:30", "9:30"), ("12:15\\text{ AM}", "00:15"),
+                   ("9:30 a.m.", "9:30"), ("2:05 AM", "2:05"), ("9:30", "9:30 a.m.")],
     "trig_degrees": [("\\frac{1}{2}", "\\sin 30^\\circ"), ("0.5", "\\cos(60^{\\circ})"), ("1", "\\tan 45^\\circ"),
                      ("\\sin 30^\\circ", "\\frac12")],
     "scientific": [("602000000000000000000000", "6.02 \\times 10^{23}"), ("6.02e23", "6.02 \\times 10^{23}"),
@@ -196,12 +195,17 @@ CLASS_RIGHT = {
     "function_name": [("y = 3t+1", "g(t) = 3t+1"), ("f(x) = 2x+1", "y = 2x+1"), ("h(t) = 2t^2", "g(t) = 2t^2")],
     "float_exponent": [("e^{0.5x}", "e^{x/2}"), ("10^{0.3}", "10^{3/10}"), ("x^{2.5}", "x^{5/2}"),
                        ("x^{1/2}", "x^{0.5}")],
+    # Found by the mutation search (tests/test_verifier_mutations.py) or listed with it: answers once refused.
+    "variable_not_unit": [("3t+1", "1+3t"), ("s^{2} + 1 + b s", "s^{2}+b s+1"), ("x = 5 cm", "5"),
+                          ("5\\sqrt{2}\\text{ cm}", "5\\sqrt{2}")],
+    "identity": [("\\sin^2 x+\\cos^2 x", "1"), ("\\sum_{i=1}^n i^2", "\\frac{n(n+1)(2n+1)}{6}"), ("3+4j", "3+4i")],
+    "stray_dollar": [("221, 8", "221,$8"), ("a=2, a=-6-4\\sqrt{2}", "a=2$, $a=-6-4 \\sqrt{2}")],
 }
 CLASS_WRONG = {
     "mixed_number": [("23/4", "2 3/4"), ("2.5", "2 3/4"), ("1.5", "2 3/4"), ("2.75", "-2 3/4")],
     "plain_unit": [("8", "7 days"), ("12\\text{ cm}^2", "12 m^2"), ("12 m", "12 m^2"), ("120 minutes", "2 hours"),
                    ("3e", "3 weeks"), ("3", "3 e")],
-    "clock_time": [("14:06", "14:05"), ("2:05 AM", "14:05"), ("2:05 PM", "2:05"), ("2:05 AM", "2:05"), ("14:05:30", "14:05"),
+    "clock_time": [("14:06", "14:05"), ("2:05 AM", "14:05"), ("2:05 PM", "2:05"), ("9:30 p.m.", "9:30"), ("14:05:30", "14:05"),
                    ("\\frac{14}{5}", "14:05:00")],
     "trig_degrees": [("\\frac{\\sqrt{3}}{2}", "\\sin 30^\\circ"), ("0.5", "\\cos 30^\\circ"), ("0.5", "\\sin 30"),
                      ("\\sin 30", "\\sin 30^\\circ")],
@@ -212,6 +216,13 @@ CLASS_WRONG = {
     "function_name": [("y = 3t+2", "g(t) = 3t+1"), ("x = 2y+1", "y = 2x+1"), ("g(y) = 2y+1", "f(x) = 2x+1"),
                       ("f(t) = 2t+1", "f(x) = 2x+1")],
     "float_exponent": [("x^{0.33}", "x^{1/3}"), ("x^{0.6667}", "x^{2/3}"), ("e^{0.5x}", "e^{x/3}"), ("x^{1.5}", "x^{5/2}")],
+    # Found by the mutation search: wrong answers once paid.
+    "function_name_is_no_label": [("\\cos(x)=\\frac{42}{59}", "\\sin(x)=\\frac{42}{59}"), ("\\cot t=0.1", "\\tan t=0.1")],
+    "variable_not_unit": [("4", "1+3t"), ("7", "5 + 2s"), ("x+4", "x+4m"), ("2 + 3 s", "2 + 3 t")],
+    "angle_unit": [("27\\text{ radians}", "27^\\circ"), ("105^\\circ", "105\\text{ radians}")],
+    "tiny_number": [("0.00000015", "0.00000012"), (".0000671", ".0000672"), ("8.224 \\times 60^{-19}", "8.224 \\times 10^{-19}")],
+    "repeated_item": [("-2", "-2,-2")],
+    "stray_dollar": [("221", "221,$8")],
 }
 
 
@@ -476,6 +487,23 @@ def test_broken_worker_install_scores_zero_without_hanging():
         pool.stop()
     assert [score for score, _ in results] == [0.0] * 3
     assert time.perf_counter() - start < 10
+
+
+def test_workers_that_cannot_start_are_one_clear_error(monkeypatch):
+    """Through verify, a pool whose workers die on start-up raises RewardWorkerError, quickly, instead of scoring
+    every answer that needs math_verify 0; the fast path still judges, and a working pool comes back."""
+    R.shutdown_workers()
+    new_pool = R._new_pool
+    monkeypatch.setattr(R, "_new_pool", lambda size: new_pool(size, initializer=os._exit, initargs=(3,)))
+    start = time.perf_counter()
+    with pytest.raises(R.RewardWorkerError, match="could not start"):
+        R.verify("\\boxed{\\sqrt{12}}", "2\\sqrt{3}")
+    assert time.perf_counter() - start < 10
+    assert R.verify("\\boxed{0.75}", "3/4") == 1.0
+    monkeypatch.undo()
+    R.shutdown_workers()
+    assert R.start_workers()
+    assert R.verify("\\boxed{\\sqrt{12}}", "2\\sqrt{3}") == 1.0
 
 
 def test_repeated_answers_in_a_batch_are_judged_once(monkeypatch):
