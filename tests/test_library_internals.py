@@ -102,7 +102,9 @@ def test_every_private_library_attribute_our_code_touches_is_listed():
                 used.add(node.attr)
             elif isinstance(node, ast.Constant) and isinstance(node.value, str) and is_private(node.value) and node.value.isidentifier():
                 used.add(node.value)
-    touched = [(owner, name) for name in sorted(used) for owner, cls in classes.items() if has_attribute(cls, name)]
+    # Names our code reads on other objects that these classes happen to share (not reached through them).
+    elsewhere = {"_name"}  # rewards.py: a multiprocessing Process' name, for its forkserver start (Python's own internals)
+    touched = [(owner, name) for name in sorted(used - elsewhere) for owner, cls in classes.items() if has_attribute(cls, name)]
     assert ("trl.generation.vllm_generation.VLLMGeneration", "_llm_weights_sleeping") in touched  # the scan sees them
     missing = [f"{owner}.{name}" for owner, name in touched if not listed(f"{owner}.{name}")]
     assert not missing, f"not in library_internals.LIBRARY_INTERNALS: {missing}"
