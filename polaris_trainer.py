@@ -5,6 +5,7 @@ dataclasses `train_grpo.py` parses (TRL's, with the options of options.py mixed 
 order their hooks run in (library_internals.py lists every TRL method they override).
 """
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,16 +76,14 @@ class PolarisGRPOTrainer(CheckpointMixin, BatchRepairMixin, StepBatchMixin, GRPO
     `StepBatchMixin` (step_batch.py): the optimizer step's rollouts sampled in chunks and trained as one batch."""
 
     def __init__(self, *args, **kwargs):
-        import contextlib
-
         import generation
         from schedules import attach_stage_schedule
 
-        args_, peft_config = kwargs["args"], kwargs.get("peft_config")
-        if args_.use_vllm:
+        config, peft_config = kwargs["args"], kwargs.get("peft_config")
+        if config.use_vllm:
             generation.prepare_vllm_environment()  # vLLM's CPU backend: its KV cache size, OpenMP waiting
         # Colocated vLLM with LoRA: vLLM serves the adapter itself (generation.VLLMAdapterSync).
-        adapter_sync = args_.use_vllm and args_.vllm_mode == "colocate" and getattr(peft_config, "peft_type", None) == "LORA"
+        adapter_sync = config.use_vllm and config.vllm_mode == "colocate" and getattr(peft_config, "peft_type", None) == "LORA"
         with generation.vllm_engine_with_lora(peft_config.r) if adapter_sync else contextlib.nullcontext():
             super().__init__(*args, **kwargs)
         self.vllm_adapter_sync = None
