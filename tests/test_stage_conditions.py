@@ -44,9 +44,13 @@ def test_conditions_parse_round_trip_and_bad_ones_are_user_errors():
 # ----------------------------------------------------------------------------------------------
 
 
-def fake_trainer():
+def fake_trainer(monkeypatch):
+    """A stand-in trainer with TRL's metrics; the stages the callback applies (schedules.apply_stage) are recorded."""
+    import schedules
+
     applied = []
-    trainer = SimpleNamespace(apply_stage=applied.append, accelerator=SimpleNamespace(is_main_process=False), _metrics={"train": {}})
+    monkeypatch.setattr(schedules, "apply_stage", lambda trainer, stage: applied.append(stage))
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(is_main_process=False), _metrics={"train": {}})
     return trainer, applied
 
 
@@ -65,9 +69,9 @@ def run_steps(callback, trainer, values, first_step=0, key="completions/clipped_
     return in_force
 
 
-def test_a_condition_fires_when_it_has_held_over_its_window_and_not_before():
+def test_a_condition_fires_when_it_has_held_over_its_window_and_not_before(monkeypatch):
     stages = [Stage(0, 1.0, 8), Stage(100, 1.2, 16, Condition("truncated", 0.3, True, 3)), Stage(200, 1.4, 32)]
-    trainer, applied = fake_trainer()
+    trainer, applied = fake_trainer(monkeypatch)
     callback = StageScheduleCallback(trainer, stages)
     callback.on_train_begin(None, SimpleNamespace(global_step=0), None)
     in_force = run_steps(callback, trainer, [0.5, 0.5, 0.1, 0.4, 0.5, 0.6, 0.7, 0.0])
@@ -77,37 +81,37 @@ def test_a_condition_fires_when_it_has_held_over_its_window_and_not_before():
     assert applied == stages[:2]
 
 
-def test_a_condition_that_never_holds_starts_the_stage_at_its_step():
+def test_a_condition_that_never_holds_starts_the_stage_at_its_step(monkeypatch):
     stages = [Stage(0, 1.0, 8), Stage(4, 1.2, 16, Condition("truncated", 0.3, True, 2))]
-    trainer, _ = fake_trainer()
+    trainer, _ = fake_trainer(monkeypatch)
     callback = StageScheduleCallback(trainer, stages)
     callback.on_train_begin(None, SimpleNamespace(global_step=0), None)
     assert run_steps(callback, trainer, [0.0] * 6) == [0, 0, 0, 0, 1, 1]
     assert callback.started[-1]["reason"] == "step 4 (its condition did not hold)"
 
 
-def test_stages_start_with_a_generation_round():
+def test_stages_start_with_a_generation_round(monkeypatch):
     stages = [Stage(0, 1.0, 8), Stage(100, 1.2, 16, Condition("truncated", 0.3, True, 1))]
-    trainer, _ = fake_trainer()
+    trainer, _ = fake_trainer(monkeypatch)
     callback = StageScheduleCallback(trainer, stages, steps_per_round=3)  # completions are sampled every 3 steps
     callback.on_train_begin(None, SimpleNamespace(global_step=0), None)
     assert run_steps(callback, trainer, [0.0, 0.5, 0.5, 0.5, 0.5]) == [0, 0, 0, 1, 1]  # held after step 1, starts at 3
 
 
-def test_a_resumed_callback_continues_the_window_exactly():
+def test_a_resumed_callback_continues_the_window_exactly(monkeypatch):
     stages = [Stage(0, 1.0, 8), Stage(100, 1.2, 16, Condition("truncated", 0.3, True, 3))]
     values = [0.1, 0.5, 0.5, 0.5, 0.2, 0.2]
-    trainer, _ = fake_trainer()
+    trainer, _ = fake_trainer(monkeypatch)
     reference = StageScheduleCallback(trainer, stages)
     reference.on_train_begin(None, SimpleNamespace(global_step=0), None)
     expected = run_steps(reference, trainer, values)
 
-    trainer, _ = fake_trainer()
+    trainer, _ = fake_trainer(monkeypatch)
     first = StageScheduleCallback(trainer, stages)
     first.on_train_begin(None, SimpleNamespace(global_step=0), None)
     in_force = run_steps(first, trainer, values[:3])
     saved = json.loads(json.dumps(first.state_dict()))  # as recipe_state.json keeps it, mid-window
-    trainer, _ = fake_trainer()
+    trainer, _ = fake_trainer(monkeypatch)
     resumed = StageScheduleCallback(trainer, stages)
     resumed.load_state_dict(saved)
     resumed.on_train_begin(None, SimpleNamespace(global_step=3), None)
