@@ -179,7 +179,9 @@ class StepBatchMixin:
             if self.generation_config.cache_implementation == "static":
                 self.generation_config.max_cache_len = static_cache_length(batch, self.generation_config.max_new_tokens)
             try:
-                ids, _ = super()._generate_single_turn(batch, None, {}, num_generations, has_tool_images)
+                # inference_mode, not TRL's no_grad: no autograd bookkeeping per decode step; only token lists leave it
+                with torch.inference_mode():
+                    ids, _ = super()._generate_single_turn(batch, None, {}, num_generations, has_tool_images)
             except torch.OutOfMemoryError:
                 if chunk <= 1:
                     raise

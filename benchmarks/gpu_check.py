@@ -431,6 +431,9 @@ def main(args: GpuCheckArguments):
         raise UserError("no CUDA GPU here: run on a machine with an NVIDIA GPU, or pass --reduced for the CPU smoke mode")
     if args.reduced:
         args.completion_tokens, args.prompt_tokens = 64, 24
+        # One thread: on a small, shared CPU, OpenMP threads waiting for a busy core make the same generate call
+        # several times slower from one call to the next, which would swamp every ratio printed here.
+        torch.set_num_threads(1)
         if args.decoders == ",".join(DECODERS):
             args.decoders = "eager"  # inductor takes a minute to compile on a CPU, and continuous batching needs CUDA
     cases, decoders = args.cases.split(","), args.decoders.split(",")
