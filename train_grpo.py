@@ -32,6 +32,7 @@ from checkpoints import CheckpointMixin
 from data import UserError, check_options, filter_long_prompts, load_problems, run_cli
 from generation import TOY_NAME
 from step_batch import StepBatchMixin
+from toy import model_hash
 
 
 DEMO_RECIPE = Path(__file__).resolve().parent / "recipes" / "demo.yaml"
@@ -390,7 +391,8 @@ def print_report(summary: dict, output_dir: Path, is_demo: bool):
     print(f"{'':<28}{'start':>10}{'end':>10}")
     if summary.get("accuracy_before") is not None:
         label = f"held-out accuracy (avg@{summary['eval_num_samples']})"
-        print(f"{label:<28}{summary['accuracy_before']:>10.3f}{summary['accuracy_after']:>10.3f}   ({summary['accuracy_after'] - summary['accuracy_before']:+.3f})")
+        world = f"   model {summary['model_hash']}" if summary.get("model_hash") else ""
+        print(f"{label:<28}{summary['accuracy_before']:>10.3f}{summary['accuracy_after']:>10.3f}   ({summary['accuracy_after'] - summary['accuracy_before']:+.3f}){world}")
     trend = summary.get("training", {})
     if trend.get("reward_first") is not None:
         print(f"{'training reward, sampled':<28}{trend['reward_first']:>10.3f}{trend['reward_last']:>10.3f}   (first / last fifth of steps)")
@@ -663,6 +665,7 @@ def main(script_args: ScriptArguments, training_args: PolarisConfig, model_args:
         "steps": trainer.state.global_step,
         "seconds": round(time.time() - start, 1),
         "model": model_args.model_name_or_path,
+        "model_hash": model_hash(model_args.model_name_or_path) if is_demo else None,  # the toy world: machines build different ones
         "dataset": script_args.dataset_name,
     }
     if hasattr(trainer, "repair_summary"):
