@@ -344,9 +344,10 @@ def _build(args: ToyArguments, output_dir: Path, expected_hash: str):
     warm = make_demonstrations(32 * args.warmup_steps, args.seed, args.sloppy_fraction)
 
     tokenizer = build_tokenizer()
-    # One thread: float sums taken in another order (more threads split them) grow over 800 steps into a
-    # different model (held-out accuracy 0.24 vs 0.31 for two threads vs one); one thread builds the same
-    # world on every machine of a kind (the build took 97-156 s on one thread of a 2-core machine, 97 s on two).
+    # One thread by default: float sums taken in another order (more threads split them, another instruction set
+    # orders them otherwise) grow over 800 steps into a different model; one thread builds the same world on
+    # every machine of a kind. benchmarks/demo_worlds.py measures the demo on several such worlds. The build
+    # took 97-156 s on one thread of a quiet 2-core machine, 97 s on two.
     threads = torch.get_num_threads()
     torch.set_num_threads(args.build_threads)
     try:

@@ -136,11 +136,14 @@ def measure_world(name: str, args: DemoWorldsArguments, extra: list[str]) -> dic
 
 
 def settings_hash(args: DemoWorldsArguments, extra: list[str]) -> str:
-    """What a finished world's numbers depend on besides the world: the recipe file, the toy recipe, the overrides."""
+    """What a finished world's numbers depend on besides the world: the recipe's settings (not its comments),
+    the toy recipe, the overrides."""
+    import yaml
+
     import toy
 
     settings = {
-        "recipe": Path(args.recipe).read_text(), "toy_recipe_version": toy.TOY_RECIPE_VERSION, "demo_seed": args.demo_seed,
+        "recipe": yaml.safe_load(Path(args.recipe).read_text()), "toy_recipe_version": toy.TOY_RECIPE_VERSION, "demo_seed": args.demo_seed,
         "max_steps": args.max_steps, "warmup_steps": args.warmup_steps, "extra": extra,
     }  # fmt: skip
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]

@@ -54,8 +54,10 @@ def test_finished_worlds_are_kept_and_rerun_when_the_settings_change(tmp_path, m
     assert json.loads((tmp_path / "out" / demo_worlds.RESULTS_FILE).read_text())["worlds"].keys() == set(gains)
 
     run(["seed0"], extra=["--learning_rate", "2e-4"])  # other training settings: other numbers
-    recipe.write_text(recipe.read_text() + "\n# edited\n")
-    run(["seed0"])  # an edited recipe: other numbers too
+    recipe.write_text(recipe.read_text() + "\n# a comment changes no number\n")
+    run(["seed0"])
+    recipe.write_text(recipe.read_text().replace("max_steps: 80", "max_steps: 81"))
+    run(["seed0"])  # another setting in the recipe: other numbers
     assert measured == ["seed0", "seed1", "two_threads", "seed0", "seed0"]
 
 
