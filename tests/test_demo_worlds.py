@@ -53,9 +53,10 @@ def test_finished_worlds_are_kept_and_rerun_when_the_settings_change(tmp_path, m
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "out" / demo_worlds.RESULTS_FILE).read_text())["worlds"].keys() == set(gains)
 
-    run(["seed0"], extra=["--learning_rate", "2e-4"])  # other training settings: other numbers
     recipe.write_text(recipe.read_text() + "\n# a comment changes no number\n")
     run(["seed0"])
+    assert len(measured) == 3
+    run(["seed0"], extra=["--learning_rate", "2e-4"])  # other training settings: other numbers
     recipe.write_text(recipe.read_text().replace("max_steps: 80", "max_steps: 81"))
     run(["seed0"])  # another setting in the recipe: other numbers
     assert measured == ["seed0", "seed1", "two_threads", "seed0", "seed0"]
