@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from data import DEFAULT_PROMPT_SUFFIX, build_messages
+from data import DEFAULT_PROMPT_SUFFIX, UserError, build_messages
 
 
 TOY_RECIPE_VERSION = 4  # bump when the generator or the warm start changes meaning
@@ -59,8 +59,8 @@ class ToyArguments:
     build_threads: int = field(
         default=1,
         metadata={
-            "help": "Threads of the warm start. One builds the same world on every machine of a kind; more threads sum "
-            "floats in another order and so build another world (benchmarks/demo_worlds.py measures the demo on both)."
+            "help": "Threads of the warm start. One builds the same world on every machine of a kind; on some machines "
+            "more threads sum floats in another order and so build another world (benchmarks/demo_worlds.py)."
         },
     )
     force: bool = field(default=False, metadata={"help": "Rebuild even when a matching build exists."})
@@ -318,6 +318,8 @@ def build_toy_world(args: ToyArguments) -> Path:
     """Build (or reuse) the toy model and data in `args.output_dir`; return that directory."""
     from filelock import FileLock
 
+    if args.build_threads < 1:
+        raise UserError(f"--build_threads must be at least 1, got {args.build_threads}")
     output_dir = Path(args.output_dir)
     expected_hash = recipe_hash(args)
     if not args.force and _is_built(output_dir, expected_hash):
@@ -379,4 +381,6 @@ def main(args: ToyArguments | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from data import run_cli
+
+    run_cli(main)

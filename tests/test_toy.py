@@ -127,3 +127,16 @@ def test_one_toy_world_per_clone_whatever_the_current_directory(tmp_path, monkey
     assert toy.ToyArguments().output_dir == expected
     monkeypatch.setenv(toy.TOY_DIR_ENV, str(tmp_path / "elsewhere"))
     assert toy.ToyArguments().output_dir == parse_args(["--output_dir", "o"])[0].toy_dir == str(tmp_path / "elsewhere")
+
+
+def test_build_threads_below_one_is_one_line_and_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from test_train_cli import assert_one_line_error
+
+    result = subprocess.run([sys.executable, str(ROOT / "toy.py"), "--output_dir", str(tmp_path), "--build_threads", "0"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert_one_line_error(result, "--build_threads must be at least 1")
+    assert not (tmp_path / "recipe.json").exists()
