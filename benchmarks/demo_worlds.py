@@ -101,7 +101,8 @@ def build_world(world: World, toy_dir: Path, args: DemoWorldsArguments) -> dict:
 
 def run_demo(world: World, toy_dir: Path, run_dir: Path, args: DemoWorldsArguments, extra: list[str]) -> tuple[dict, float]:
     """`train_grpo.py` with the demo recipe on the world, in its own process: its summary.json and wall seconds.
-    The world's files are named, not `toy` (which means the default toy recipe's world, and would rebuild it)."""
+    The world's files are named, not `toy` (which means the default toy recipe's world, and would rebuild it);
+    no checkpoints, which change no number."""
     command = [sys.executable, str(REPO_ROOT / "train_grpo.py"), "--config", args.recipe, "--model_name_or_path", str(toy_dir / "model"),
                "--dataset_name", str(toy_dir / "train.jsonl"), "--eval_dataset_name", str(toy_dir / "test.jsonl"),
                "--output_dir", str(run_dir), "--overwrite_output_dir", "true", "--save_strategy", "no"]  # fmt: skip
