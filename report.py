@@ -212,7 +212,8 @@ def print_report(summary: dict, output_dir: Path, is_demo: bool):
     print(f"{'':<28}{'start':>10}{'end':>10}")
     if summary.get("accuracy_before") is not None:
         label = f"held-out accuracy (avg@{summary['eval_num_samples']})"
-        print(f"{label:<28}{summary['accuracy_before']:>10.3f}{summary['accuracy_after']:>10.3f}   ({summary['accuracy_after'] - summary['accuracy_before']:+.3f})")
+        world = f"   model {summary['model_hash']}" if summary.get("model_hash") else ""
+        print(f"{label:<28}{summary['accuracy_before']:>10.3f}{summary['accuracy_after']:>10.3f}   ({summary['accuracy_after'] - summary['accuracy_before']:+.3f}){world}")
     trend = summary.get("training", {})
     if trend.get("reward_first") is not None:
         print(f"{'training reward, sampled':<28}{trend['reward_first']:>10.3f}{trend['reward_last']:>10.3f}   (first / last fifth of steps)")
@@ -230,6 +231,8 @@ def print_report(summary: dict, output_dir: Path, is_demo: bool):
 
 def finish_report(trainer, script_args, model_args, eval_problems, accuracy_before, accuracy_after, seconds: float, is_demo: bool) -> dict:
     """The run's summary (returned, and written to summary.json), its learning curve and the closing report."""
+    from toy import model_hash
+
     summary = {
         "accuracy_before": accuracy_before,
         "accuracy_after": accuracy_after,
@@ -238,6 +241,7 @@ def finish_report(trainer, script_args, model_args, eval_problems, accuracy_befo
         "steps": trainer.state.global_step,
         "seconds": round(seconds, 1),
         "model": model_args.model_name_or_path,
+        "model_hash": model_hash(model_args.model_name_or_path) if is_demo else None,  # the toy world: machines build different ones
         "dataset": script_args.dataset_name,
     }
     if hasattr(trainer, "repair_summary"):

@@ -24,10 +24,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from data import DEFAULT_PROMPT_SUFFIX, build_messages
+from data import DEFAULT_PROMPT_SUFFIX, UserError, build_messages
 
 
-TOY_RECIPE_VERSION = 3  # bump when the generator or the warm start changes meaning
+TOY_RECIPE_VERSION = 4  # bump when the generator or the warm start changes meaning
 TOY_DIR_ENV = "POLARIS_TOY_DIR"
 TOY_DIR_HELP = f"Where the toy world is built and cached: ${TOY_DIR_ENV} if set, else outputs/toy in the repository."
 
@@ -51,8 +51,16 @@ class ToyArguments:
         default=0.7,
         metadata={
             "help": "Fraction of warm-start demonstrations that end sloppily (answer left unboxed, or miscopied "
-            "from the last step), habits of imperfect SFT data that RL can unlearn (capped at every demonstration on the "
-            "hardest levels). At 0.3 the demo's 40 steps gained +0.08, not clear of seed noise: 0.7 leaves more to unlearn."
+            "from the last step), on every level but the easiest: habits of imperfect SFT data that RL can unlearn. "
+            "Spread over all levels, the habit also sits on answers the model computes right, in every world the "
+            "recipe builds (benchmarks/demo_worlds.py); grown with difficulty it sat mostly on wrong ones."
+        },
+    )
+    build_threads: int = field(
+        default=1,
+        metadata={
+            "help": "Threads of the warm start. One builds the same world on every machine of a kind; on some machines "
+            "more threads sum floats in another order and so build another world (benchmarks/demo_worlds.py)."
         },
     )
     force: bool = field(default=False, metadata={"help": "Rebuild even when a matching build exists."})
@@ -169,17 +177,19 @@ def sloppy_solution(rng: random.Random, problem: dict) -> str:
 
 
 def make_demonstrations(num: int, seed: int, sloppy_fraction: float) -> list[dict]:
-    """Warm-start problems; a `sloppy_fraction` of them carry a sloppy solution.
+    """Warm-start problems; a `sloppy_fraction` of those above the easiest level carry a sloppy solution.
 
-    Sloppiness grows with difficulty (none on the easiest level, twice the average on the hardest, capped
-    at every demonstration), so easy problems can still be solved 8 times out of 8 while the model is
-    careless on harder ones.
+    The easiest level stays clean, so some problems are solved 8 times out of 8 (the too-easy prompts the
+    difficulty filter drops). On the other levels the habit does not depend on difficulty, as an answer style
+    of SFT data does not: it then costs reward wherever the model gets the arithmetic right, which is where RL
+    can turn its removal into accuracy (sloppiness that grew with difficulty sat mostly on levels whose
+    arithmetic the model gets wrong, and the gain depended on how much arithmetic a world had learned).
     """
     rng = random.Random(f"{seed}-sloppy")
     level_index = {name: i for i, (name, *_) in enumerate(LEVELS)}
     problems = make_problems(num, seed, "warmstart")
     for problem in problems:
-        if rng.random() < sloppy_fraction * 2 * level_index[problem["level"]] / (len(LEVELS) - 1):
+        if level_index[problem["level"]] > 0 and rng.random() < sloppy_fraction:
             problem["solution"] = sloppy_solution(rng, problem)
     return problems
 
@@ -285,6 +295,14 @@ def recipe_hash(args: ToyArguments) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def model_hash(model_dir: str | Path) -> str | None:
+    """The first 8 hex digits of the sha256 of a model directory's weights: which world a run starts from.
+    The same recipe builds another world where floats are summed in another order (another instruction set),
+    so two users compare this before comparing their demos' numbers. None without a model.safetensors."""
+    weights = Path(model_dir) / "model.safetensors"
+    return hashlib.sha256(weights.read_bytes()).hexdigest()[:8] if weights.is_file() else None
+
+
 def _write_jsonl(path: Path, rows: list[dict]):
     with open(path, "w") as f:
         for row in rows:
@@ -300,6 +318,8 @@ def build_toy_world(args: ToyArguments) -> Path:
     """Build (or reuse) the toy model and data in `args.output_dir`; return that directory."""
     from filelock import FileLock
 
+    if args.build_threads < 1:
+        raise UserError(f"--build_threads must be at least 1, got {args.build_threads}")
     output_dir = Path(args.output_dir)
     expected_hash = recipe_hash(args)
     if not args.force and _is_built(output_dir, expected_hash):
@@ -326,11 +346,12 @@ def _build(args: ToyArguments, output_dir: Path, expected_hash: str):
     warm = make_demonstrations(32 * args.warmup_steps, args.seed, args.sloppy_fraction)
 
     tokenizer = build_tokenizer()
-    # One thread: float sums taken in another order (more threads split them) grow over 800 steps into a
-    # different model (held-out accuracy 0.24 vs 0.31 for two threads vs one); one thread builds the same
-    # world on every machine of a kind (the build took 97-156 s on one thread of a 2-core machine, 97 s on two).
+    # One thread by default: float sums taken in another order (more threads split them, another instruction set
+    # orders them otherwise) grow over 800 steps into a different model; one thread builds the same world on
+    # every machine of a kind. benchmarks/demo_worlds.py measures the demo on several such worlds. The build
+    # took 97-156 s on one thread of a quiet 2-core machine, 97 s on two.
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.build_threads)
     try:
         model = build_model(tokenizer, args.seed)
         warm_start(model, tokenizer, warm, args.warmup_steps, args.seed)
@@ -346,8 +367,9 @@ def _build(args: ToyArguments, output_dir: Path, expected_hash: str):
     _write_jsonl(output_dir / "test.jsonl", [{k: p[k] for k in columns} for p in test])
     recipe = {"hash": expected_hash, **{k: v for k, v in asdict(args).items() if k != "force"}}
     recipe["seconds"] = round(time.time() - start, 1)
+    recipe["model_hash"] = model_hash(output_dir / "model")
     recipe_file.write_text(json.dumps(recipe, indent=2))  # written last: marks the build complete
-    print(f"Toy world built in {recipe['seconds']} s: {output_dir}")
+    print(f"Toy world {recipe['model_hash']} built in {recipe['seconds']} s: {output_dir}")
 
 
 def main(args: ToyArguments | None = None) -> Path:
@@ -359,4 +381,6 @@ def main(args: ToyArguments | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from data import run_cli
+
+    run_cli(main)

@@ -32,18 +32,18 @@ def test_problems_are_reproducible_from_the_seed_and_answers_are_right():
         assert problem["solution"].endswith("\\boxed{" + problem["answer"] + "}")
 
 
-def test_a_fraction_of_demonstrations_end_sloppily_more_on_harder_levels():
+def test_a_fraction_of_demonstrations_end_sloppily_on_every_level_but_the_easiest():
     demonstrations = toy.make_demonstrations(4000, seed=0, sloppy_fraction=0.3)
-    sloppy = collections.Counter()
+    sloppy, per_level = collections.Counter(), collections.Counter(d["level"] for d in demonstrations)
     unboxed = []
     for d in demonstrations:
         if not d["solution"].endswith("\\boxed{" + d["answer"] + "}"):
             sloppy[d["level"]] += 1
         if "\\boxed{" not in d["solution"]:
             unboxed.append(d)
-    assert 0.25 < sum(sloppy.values()) / len(demonstrations) < 0.35
-    easiest, hardest = toy.LEVELS[0][0], toy.LEVELS[-1][0]
-    assert sloppy[easiest] == 0 and sloppy[hardest] == max(sloppy.values())
+    easiest = toy.LEVELS[0][0]
+    assert sloppy[easiest] == 0  # some problems can be solved 8 times out of 8
+    assert all(0.22 < sloppy[level] / per_level[level] < 0.38 for level in per_level if level != easiest), sloppy
     assert 0 < len(unboxed) < sum(sloppy.values())  # both kinds: unboxed and miscopied
     # The worked steps stay right: the last step's result is the answer.
     for d in unboxed:
@@ -80,6 +80,8 @@ def test_build_is_deterministic_whatever_the_thread_count_and_cached(tmp_path):
     assert all((weights_one[k] == weights_two[k]).all() for k in weights_one)
     assert (first / "train.jsonl").read_text() == (second / "train.jsonl").read_text()
     recipe = json.loads((first / "recipe.json").read_text())
+    assert recipe["model_hash"] == toy.model_hash(first / "model") == toy.model_hash(second / "model")  # the world, as reports name it
+    assert len(recipe["model_hash"]) == 8 and toy.model_hash(tmp_path) is None
     (first / "model" / "model.safetensors").unlink()
     build(tmp_path / "one", 1)  # same recipe: reused as it is, not rebuilt
     assert not (first / "model" / "model.safetensors").exists()
@@ -125,3 +127,16 @@ def test_one_toy_world_per_clone_whatever_the_current_directory(tmp_path, monkey
     assert toy.ToyArguments().output_dir == expected
     monkeypatch.setenv(toy.TOY_DIR_ENV, str(tmp_path / "elsewhere"))
     assert toy.ToyArguments().output_dir == parse_args(["--output_dir", "o"])[0].toy_dir == str(tmp_path / "elsewhere")
+
+
+def test_build_threads_below_one_is_one_line_and_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from test_train_cli import assert_one_line_error
+
+    result = subprocess.run([sys.executable, str(ROOT / "toy.py"), "--output_dir", str(tmp_path), "--build_threads", "0"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert_one_line_error(result, "--build_threads must be at least 1")
+    assert not (tmp_path / "recipe.json").exists()

@@ -144,6 +144,11 @@ def test_demo_end_to_end(toy_world, tmp_path):
     assert summary["steps"] > 0 and summary["seconds"] > 0
     assert summary["accuracy_after"] > summary["accuracy_before"]
     assert "python train_grpo.py --config recipes/" in result.stdout
+    import toy
+
+    # The report names the world beside its before/after: the same recipe builds other worlds on other machines.
+    assert summary["model_hash"] == toy.model_hash(toy_world / "model")
+    assert any(line.startswith("held-out accuracy") and line.endswith(f"model {summary['model_hash']}") for line in result.stdout.splitlines())
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert any("reward" in row for row in state["log_history"])
     assert (output_dir / "model.safetensors").exists() and (output_dir / "learning_curve.png").exists()
