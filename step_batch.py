@@ -183,11 +183,11 @@ class StepBatchMixin:
                 with torch.inference_mode():
                     ids, _ = super()._generate_single_turn(batch, None, {}, num_generations, has_tool_images)
             except torch.OutOfMemoryError:
-                if chunk <= 1:
+                if size <= 1:
                     raise
                 self.args.generation_chunk_size = max(1, size // 2)
                 torch.cuda.empty_cache()
-                print(f"note: out of GPU memory sampling {chunk} sequences at once: going on with generation_chunk_size "
+                print(f"note: out of GPU memory sampling {size} sequences at once: going on with generation_chunk_size "
                       f"{self.args.generation_chunk_size}", file=sys.stderr, flush=True)  # fmt: skip
                 continue
             except Exception as error:  # noqa: BLE001  (compilers raise many kinds; eager decoding is the same policy)
