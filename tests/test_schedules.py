@@ -87,9 +87,9 @@ def test_config_rejects_schedules_the_trainer_cannot_follow(tmp_path):
 
 
 def test_bad_stages_on_the_command_line_give_one_line(tmp_path):
-    from test_train_cli import assert_one_line_error, run_train
+    from test_train_cli import assert_one_line_error, run_train_here
 
-    result = run_train("--model_name_or_path", "toy", "--dataset_name", "toy", "--stages", "0:1.4:100,0:1.5:200", "--output_dir", str(tmp_path / "o"))
+    result = run_train_here("--model_name_or_path", "toy", "--dataset_name", "toy", "--stages", "0:1.4:100,0:1.5:200", "--output_dir", str(tmp_path / "o"))
     assert_one_line_error(result, "must increase")
 
 

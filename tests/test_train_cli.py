@@ -20,6 +20,30 @@ def run_train(*args, cwd=ROOT, timeout=600, show_warnings=False, env=None):
     )
 
 
+def run_train_here(*args):
+    """`python train_grpo.py ARGS` that stops on bad input, run in this process: the same `run_cli(cli)` as the
+    script's last line, without a new interpreter's 8-10 s of importing torch, TRL and vLLM.
+    tests/test_offline_errors.py keeps a real process for the one-line error."""
+    import contextlib
+    import io
+
+    from data import run_cli
+    from train_grpo import cli
+
+    stdout, stderr, argv, cwd = io.StringIO(), io.StringIO(), sys.argv, os.getcwd()
+    sys.argv, returncode = ["train_grpo.py", *args], 0
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            run_cli(cli)
+    except SystemExit as exit:
+        returncode = exit.code if isinstance(exit.code, int) else 1
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(["train_grpo.py", *args], returncode, stdout.getvalue(), stderr.getvalue())
+
+
 def assert_one_line_error(result, *fragments):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
@@ -62,13 +86,13 @@ def test_polaris_defaults_without_a_recipe():
 
 
 def test_missing_dataset_file(toy_world, tmp_path):
-    result = run_train("--model_name_or_path", str(toy_world / "model"), "--dataset_name", str(tmp_path / "none.jsonl"), "--output_dir", str(tmp_path / "o"))
+    result = run_train_here("--model_name_or_path", str(toy_world / "model"), "--dataset_name", str(tmp_path / "none.jsonl"), "--output_dir", str(tmp_path / "o"))
     assert_one_line_error(result, "no such dataset file")
 
 
 def test_missing_columns(toy_world, tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"question": "1+1?", "gold": "2"}) + "\n")
-    result = run_train("--model_name_or_path", str(toy_world / "model"), "--dataset_name", str(tmp_path / "d.jsonl"), "--output_dir", str(tmp_path / "o"))
+    result = run_train_here("--model_name_or_path", str(toy_world / "model"), "--dataset_name", str(tmp_path / "d.jsonl"), "--output_dir", str(tmp_path / "o"))
     assert_one_line_error(result, "--problem_column")
 
 
@@ -100,7 +124,7 @@ def test_held_out_set_has_its_own_columns(toy_world, tmp_path):
 
 
 def test_empty_dataset_after_prompt_filter(toy_world, tmp_path):
-    result = run_train(
+    result = run_train_here(
         "--model_name_or_path", str(toy_world / "model"), "--dataset_name", str(toy_world / "train.jsonl"),
         "--max_prompt_length", "5", "--output_dir", str(tmp_path / "o"),
     )
@@ -109,8 +133,8 @@ def test_empty_dataset_after_prompt_filter(toy_world, tmp_path):
 
 def test_recipe_that_does_not_parse(tmp_path):
     (tmp_path / "bad.yaml").write_text("learning_rate: [1e-6\nmax_steps: 3\n")
-    assert_one_line_error(run_train("--config", str(tmp_path / "bad.yaml")), "YAML")
-    assert_one_line_error(run_train("--config", str(tmp_path / "missing.yaml")), "no such recipe file")
+    assert_one_line_error(run_train_here("--config", str(tmp_path / "bad.yaml")), "YAML")
+    assert_one_line_error(run_train_here("--config", str(tmp_path / "missing.yaml")), "no such recipe file")
 
 
 def test_bf16_without_support(tmp_path):
@@ -118,12 +142,12 @@ def test_bf16_without_support(tmp_path):
 
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         pytest.skip("this machine supports bf16")
-    result = run_train("--model_name_or_path", "toy", "--dataset_name", "toy", "--bf16", "true", "--output_dir", str(tmp_path / "o"))
+    result = run_train_here("--model_name_or_path", "toy", "--dataset_name", "toy", "--bf16", "true", "--output_dir", str(tmp_path / "o"))
     assert_one_line_error(result, "bf16")
 
 
 def test_unknown_reward_function(toy_world, tmp_path):
-    result = run_train(
+    result = run_train_here(
         "--model_name_or_path", str(toy_world / "model"), "--dataset_name", str(toy_world / "train.jsonl"),
         "--reward_funcs", "no_such_reward", "--output_dir", str(tmp_path / "o"),
     )
@@ -158,7 +182,7 @@ def test_demo_end_to_end(toy_world, tmp_path):
 def test_rerun_into_a_directory_holding_a_run_stops(toy_world, tmp_path):
     output_dir = tmp_path / "o"
     (output_dir / "checkpoint-20").mkdir(parents=True)
-    result = run_train("--model_name_or_path", str(toy_world / "model"), "--dataset_name", str(toy_world / "train.jsonl"), "--output_dir", str(output_dir))
+    result = run_train_here("--model_name_or_path", str(toy_world / "model"), "--dataset_name", str(toy_world / "train.jsonl"), "--output_dir", str(output_dir))
     assert_one_line_error(result, "already holds a run", "checkpoint-20", "--resume_from_checkpoint true", "--overwrite_output_dir true")
     assert (output_dir / "checkpoint-20").is_dir()  # nothing was touched
 
@@ -215,7 +239,7 @@ def test_overwrite_clears_the_previous_run_and_the_card_names_the_toy_model(toy_
 
 
 def test_unknown_option_suggests_the_close_one(tmp_path):
-    assert_one_line_error(run_train("--max_stepz", "3"), "unknown option --max_stepz: did you mean --max_steps?")
+    assert_one_line_error(run_train_here("--max_stepz", "3"), "unknown option --max_stepz: did you mean --max_steps?")
 
 
 def test_unknown_recipe_key_and_no_prefix_matching(tmp_path):
@@ -297,7 +321,7 @@ def test_short_help_is_readable_and_does_not_import_torch():
 
 
 def test_help_all_is_trls_full_list():
-    result = run_train("--help-all")
+    result = run_train_here("--help-all")
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(result.stdout.splitlines()) > 1000
     assert "--stages" in result.stdout and "--gradient_accumulation_steps" in result.stdout and "--lora_r" in result.stdout
