@@ -27,7 +27,7 @@ from pathlib import Path
 from data import DEFAULT_PROMPT_SUFFIX, UserError, build_messages
 
 
-TOY_RECIPE_VERSION = 4  # bump when the generator or the warm start changes meaning
+TOY_RECIPE_VERSION = 5  # bump when the generator or the warm start changes meaning
 TOY_DIR_ENV = "POLARIS_TOY_DIR"
 TOY_DIR_HELP = f"Where the toy world is built and cached: ${TOY_DIR_ENV} if set, else outputs/toy in the repository."
 
@@ -48,7 +48,7 @@ class ToyArguments:
     num_test: int = field(default=200, metadata={"help": "Number of held-out toy problems."})
     warmup_steps: int = field(default=800, metadata={"help": "Supervised warm-start steps."})
     sloppy_fraction: float = field(
-        default=0.7,
+        default=0.85,
         metadata={
             "help": "Fraction of warm-start demonstrations that end sloppily (answer left unboxed, or miscopied "
             "from the last step), on every level but the easiest: habits of imperfect SFT data that RL can unlearn. "

@@ -2,10 +2,12 @@
 
 import collections
 import json
+import sys
 
 import pytest
 
 import toy
+from conftest import ROOT
 
 
 def test_tokenizer_round_trips_text_and_keeps_word_tokens_whole():
@@ -90,7 +92,8 @@ def test_build_is_deterministic_whatever_the_thread_count_and_cached(tmp_path):
 
 @pytest.mark.slow
 def test_warm_started_model_is_partly_able(toy_world):
-    """Sampled accuracy between 20% and 60%, outputs shaped like a reasoning model's, all pass rates."""
+    """Sampled accuracy between 10% and 60% (most sloppy endings score 0), outputs shaped like a reasoning model's,
+    all pass rates."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from data import load_problems
@@ -103,7 +106,7 @@ def test_warm_started_model_is_partly_able(toy_world):
     samples = sample_completions(model, tokenizer, problems["prompt"], num_samples=8, temperature=1.0, max_new_tokens=48, seed=0, progress=False)
     passes = [sum(verify(s.text, answer) for s in group) for group, answer in zip(samples, problems["answer"])]
     accuracy = sum(passes) / (8 * len(passes))
-    assert 0.2 < accuracy < 0.6, accuracy
+    assert 0.1 < accuracy < 0.6, accuracy
     counts = collections.Counter(passes)
     assert counts[0] and counts[8] >= 5 and len(counts) >= 8, counts  # easy, hard and in between
     texts = [s.text for group in samples for s in group]
@@ -115,7 +118,6 @@ def test_one_toy_world_per_clone_whatever_the_current_directory(tmp_path, monkey
     notebooks/ finds the world the demo built); $POLARIS_TOY_DIR moves it."""
     import evaluate
     import filter_data
-    from conftest import ROOT
     from train_grpo import parse_args
 
     monkeypatch.delenv(toy.TOY_DIR_ENV, raising=False)
@@ -131,12 +133,23 @@ def test_one_toy_world_per_clone_whatever_the_current_directory(tmp_path, monkey
 
 def test_build_threads_below_one_is_one_line_and_exit_2(tmp_path):
     import subprocess
-    import sys
 
-    from conftest import ROOT
     from test_train_cli import assert_one_line_error
 
     result = subprocess.run([sys.executable, str(ROOT / "toy.py"), "--output_dir", str(tmp_path), "--build_threads", "0"],
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert_one_line_error(result, "--build_threads must be at least 1")
     assert not (tmp_path / "recipe.json").exists()
+
+
+def test_toy_habits_sorts_how_answers_end():
+    """benchmarks/toy_habits.py: the right result computed, then boxed, stated in words, miscopied or cut off."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from toy_habits import classify
+
+    kinds = lambda text: {kind for kind, value in classify(text, "12").items() if value}  # noqa: E731
+    assert kinds("<think>3*4=12</think>\n\\boxed{12}") == {"right", "computed_right"}
+    assert kinds("<think>3*4=12</think>\nThe answer is 12.") == {"computed_right", "unboxed"}
+    assert kinds("<think>3*4=12</think>\n\\boxed{13}") == {"computed_right", "miscopied"}
+    assert kinds("<think>3*4=11</think>\n\\boxed{11}") == set()  # wrong arithmetic, copied faithfully
+    assert kinds("<think>3*40=120\n120+") == {"truncated"}

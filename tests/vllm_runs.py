@@ -4,6 +4,9 @@ the threads of the process it runs in, which must not be pytest's.
     python tests/vllm_runs.py train RECORD.json [--no_sync] -- <train_grpo.py arguments>
     python tests/vllm_runs.py evaluate RECORD.json -- <evaluate.py arguments>
     python tests/vllm_runs.py filter RECORD.json -- <filter_data.py arguments>
+    python tests/vllm_runs.py evaluate A.json -- <arguments> --then filter B.json -- <arguments>
+
+Runs joined by `--then` share one process and pay its start (importing vLLM, about 10 s) once.
 
 Training runs start vLLM in eager mode: no torch.compile warm-up (about a minute per new model shape on
 CPU). Evaluation and filtering keep the warm-up: their seeded requests fail in eager mode on CPU ('CPU
@@ -84,7 +87,8 @@ def recording_trainer(record: dict, sync: bool):
     return RecordingTrainer
 
 
-def main(argv: list[str]):
+def run_script(argv: list[str]):
+    """One run: `command RECORD.json [options] -- <script arguments>`."""
     command, record_path = argv[0], Path(argv[1])
     options = argv[2 : argv.index("--")]
     script_args = argv[argv.index("--") + 1 :]
@@ -104,6 +108,13 @@ def main(argv: list[str]):
 
         record["summary"] = filter_data.main(filter_data.parse_args(script_args))
     record_path.write_text(json.dumps(record, default=str))
+
+
+def main(argv: list[str]):
+    while "--then" in argv:
+        run_script(argv[: argv.index("--then")])
+        argv = argv[argv.index("--then") + 1 :]
+    run_script(argv)
 
 
 if __name__ == "__main__":
