@@ -21,7 +21,7 @@ moves it to CPU memory, and what stays on the GPU is the weights and gradients o
 
 The peak is the larger of the two phases. It assumes every completion reaches max_completion_length: early
 in a run completions are shorter, so a setting that is over budget can run for hours and then fail when
-responses grow. The longest stage is the one that must fit. `python benchmarks/gpu_check.sh` compares these
+responses grow. Every stage must fit: the longest, or one whose `auto` chunk samples more at once. `python benchmarks/gpu_check.sh` compares these
 estimates with measured peaks on a GPU.
 """
 
@@ -244,6 +244,12 @@ class RunSetup:
     offload_optimizer: bool = False  # optimizer state (and fp32 gradients) live in CPU memory
     compute_bytes: int | None = None  # FSDP2 / DeepSpeed bf16: fp32 master weights, layers computed in 16 bits
     autocast_estimate: bool = False  # autocast: count matmul outputs at 16 bits (the estimate), not fp32 (the bound)
+    # generation_chunk_size `auto` planned stage by stage: sequences sampled together, by max_completion_length
+    stage_generation_batches: dict[int, int] | None = None
+
+    def generation_batch_at(self, completion_length: int) -> int:
+        """Sequences sampled together in the stage of `completion_length` tokens."""
+        return (self.stage_generation_batches or {}).get(completion_length, self.generation_batch)
 
     @property
     def activation_bytes(self) -> int:
@@ -356,6 +362,7 @@ def setup_from_args(script_args, training_args, model_args) -> RunSetup:
     return RunSetup(
         micro_batch=training_args.per_device_train_batch_size,
         generation_batch=step_rollouts(training_args, chunked=True),
+        stage_generation_batches=None if training_args.use_vllm else getattr(training_args, "stage_generation_chunks", None),
         step_rollouts=step_rollouts(training_args),
         old_logps=bool(training_args.use_vllm and training_args.vllm_importance_sampling_correction)
         or training_args.num_iterations > 1,
@@ -624,7 +631,7 @@ def estimate(shape: ModelShape, setup: RunSetup, completion_length: int, gpu_mem
     # Generation with transformers: the KV cache of the whole generation batch at full length, plus the
     # larger of the prompt prefill's intermediates (one layer) and, while decoding, the copy of one
     # layer's cache that DynamicCache makes as it grows and the fp32 logits of the last position.
-    sequences, length = setup.generation_batch, setup.max_prompt_length + completion_length
+    sequences, length = setup.generation_batch_at(completion_length), setup.max_prompt_length + completion_length
     weight_sync = 0.0
     if setup.use_vllm:
         kv_cache = generation_work = 0.0  # inside vLLM's own memory
@@ -741,16 +748,16 @@ def plan_warnings(plan: MemoryPlan) -> list[str]:
             "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 is set. Memory is planned for the full length; rope scaling or shorter "
             "completions avoid the extrapolation"
         )
-    worst = plan.worst
+    (_, _, worst_length), worst = max(plan.stages, key=lambda item: item[1].total)
     if not setup.gradient_checkpointing and worst.activations_without_checkpointing > 2 * worst.activations_with_checkpointing:
         warnings.append(
             f"gradient_checkpointing is off: activations take {gib(worst.activations_without_checkpointing)} GiB "
             f"instead of {gib(worst.activations_with_checkpointing)} GiB with --gradient_checkpointing true"
         )
-    kv = worst.parts["generation KV cache"]
-    if setup.generation_batch > max(setup.micro_batch, setup.num_generations) and kv > worst.parts["activations kept for backward"]:
+    kv, batch = worst.parts["generation KV cache"], setup.generation_batch_at(worst_length)
+    if batch > max(setup.micro_batch, setup.num_generations) and kv > worst.parts["activations kept for backward"]:
         warnings.append(
-            f"sampling {setup.generation_batch} sequences at once holds a {gib(kv)} GiB KV cache: a smaller "
+            f"sampling {batch} sequences at once holds a {gib(kv)} GiB KV cache: a smaller "
             f"--generation_chunk_size shrinks it (down to per_device_train_batch_size)"
         )
     if setup.use_vllm and setup.vllm_mode == "colocate" and plan.gpu_memory is None:
@@ -783,7 +790,7 @@ def describe_setup(plan: MemoryPlan) -> list[str]:
         training = f"full fine-tuning ({shape.num_parameters() / 1e9:.2f}B parameters), optimizer {setup.optimizer}"
     generation = (
         f"vLLM ({setup.vllm_mode} mode{', asleep while training' if setup.vllm_sleep else ''})"
-        if setup.use_vllm else f"transformers generate, {setup.generation_batch} sequences at once"
+        if setup.use_vllm else f"transformers generate, {stage_values([setup.generation_batch_at(length) for *_, length in setup.stages])} sequences at once"
     )  # fmt: skip
     lines = [
         f"model: {plan.model} ({shape.num_parameters() / 1e9:.2f}B parameters; shape from {plan.shape_source or 'arguments'})",
@@ -871,7 +878,8 @@ def format_plan(plan: MemoryPlan) -> str:
     worst_stage = max(plan.stages, key=lambda item: item[1].total)
     (step, _, length), worst = worst_stage
     lines = ["Memory plan (estimate per GPU, before any weights load)", *("  " + line for line in describe_setup(plan)), ""]
-    lines.append(f"Peak at the longest completions ({length} tokens, from step {step}), in GiB:")
+    which = "the longest completions" if length == plan.setup.longest_completion else "the fullest stage"
+    lines.append(f"Peak at {which} ({length} tokens, from step {step}), in GiB:")
     for name, value in worst.parts.items():
         note = ""
         if name == "activations kept for backward":
@@ -920,9 +928,9 @@ def format_plan(plan: MemoryPlan) -> str:
     if plan.gpu_memory is None:
         lines.append("No GPU size given: pass --gpu_memory GiB (e.g. 8, 12, 16, 24) for a verdict.")
     elif plan.fits:
-        lines.append(f"Fits a {plan.gpu_memory / GIB:g} GiB GPU: {gib(plan.gpu_memory - worst.total)} GiB to spare at the longest stage.")
+        lines.append(f"Fits a {plan.gpu_memory / GIB:g} GiB GPU: {gib(plan.gpu_memory - worst.total)} GiB to spare at the fullest stage.")
     else:
-        lines.append(f"DOES NOT FIT a {plan.gpu_memory / GIB:g} GiB GPU: {gib(worst.total - plan.gpu_memory)} GiB short at the longest stage.")
+        lines.append(f"DOES NOT FIT a {plan.gpu_memory / GIB:g} GiB GPU: {gib(worst.total - plan.gpu_memory)} GiB short at the fullest stage.")
     lines.append("Assumes every completion reaches max_completion_length: early steps use less, so only this worst case is safe.")
     lines += [f"warning: {warning}" for warning in plan.warnings]
     return "\n".join(lines)
@@ -943,7 +951,7 @@ def largest_generation_chunk(shape: ModelShape, setup: RunSetup, gpu_memory: flo
     from dataclasses import replace
 
     def fits(chunk: int) -> bool:
-        trial = replace(setup, generation_batch=chunk)
+        trial = replace(setup, generation_batch=chunk, stage_generation_batches=None)
         return all(estimate(shape, trial, length, gpu_memory).generation_total <= gpu_memory for _, _, length in setup.stages)
 
     low, high = 1, max(1, setup.step_rollouts)
@@ -957,6 +965,8 @@ def resolve_auto_generation_chunk(script_args, training_args, model_args) -> str
     """Turn `generation_chunk_size: auto` into a number of sequences and return the line that says which and
     why: the planner's largest fit on this GPU (or `--gpu_memory`); all of a step's rollouts where there is
     no GPU to plan for; `SAFE_GENERATION_CHUNK` where the model's shape is unknown. vLLM ignores the chunk."""
+    from dataclasses import replace
+
     if training_args.generation_chunk_size != "auto":
         return None
     held = step_rollouts(training_args)
@@ -976,12 +986,24 @@ def resolve_auto_generation_chunk(script_args, training_args, model_args) -> str
                 f"so {training_args.generation_chunk_size} sequences are sampled at a time (halved on out-of-memory; "
                 "--generation_chunk_size N chooses)")  # fmt: skip
     setup = setup_from_args(script_args, training_args, model_args)
-    chunk = training_args.generation_chunk_size = largest_generation_chunk(shape, setup, gpu_memory * GIB)
-    from dataclasses import replace
+    # Planned stage by stage: early stages' shorter completions leave room for more sequences at once.
+    chunks = {length: largest_generation_chunk(shape, replace(setup, stages=[(step, temperature, length)]), gpu_memory * GIB)
+              for step, temperature, length in setup.stages}  # fmt: skip
+    lengths = [length for *_, length in setup.stages]
+    training_args.generation_chunk_size = chunks[lengths[0]]
+    training_args.stage_generation_chunks = chunks if len(set(chunks.values())) > 1 else None  # schedules.apply_stage sets each
+    planned = max(estimate(shape, replace(setup, stage_generation_batches=chunks), length, gpu_memory * GIB).generation_total for length in lengths)
+    if training_args.stage_generation_chunks is None:
+        where = f"the most a {gpu_memory:g} GiB GPU holds at the longest stage"
+    else:
+        where = (f"by stage ({stage_values(lengths)}-token completions): the most a {gpu_memory:g} GiB GPU holds at each")
+    return (f"generation_chunk_size auto: {stage_values([chunks[length] for length in lengths])} of the step's {held} rollouts per "
+            f"generate call, {where} (sampling planned at {gib(planned)} GiB; halved on out-of-memory)")  # fmt: skip
 
-    planned = max(estimate(shape, replace(setup, generation_batch=chunk), length, gpu_memory * GIB).generation_total for _, _, length in setup.stages)
-    return (f"generation_chunk_size auto: {chunk} of the step's {held} rollouts per generate call, the most a "
-            f"{gpu_memory:g} GiB GPU holds at the longest stage (sampling planned at {gib(planned)} GiB; halved on out-of-memory)")  # fmt: skip
+
+def stage_values(values: list) -> str:
+    """`20 / 14 / 10` for values that differ by stage, `10` for one value."""
+    return " / ".join(str(value) for value in values) if len(set(values)) > 1 else str(values[0])
 
 
 def launch_differs_from_plan(script_args, training_args) -> str | None:

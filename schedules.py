@@ -342,7 +342,8 @@ def apply_stage(trainer, stage: Stage) -> None:
     - `trainer.vllm_generation.temperature` / `.max_completion_length` (vLLM builds its
       `SamplingParams` from them on every call, in colocate and server mode);
     - the fused LM head's temperature (log-probs of the loss, of the old policy and of the reference).
-    `trainer.args` keeps the configured values, so the config stays a record of what was asked for.
+    `trainer.args` keeps the configured values, so the config stays a record of what was asked for, except
+    `generation_chunk_size` where `auto` planned one per stage (`stage_generation_chunks`, by length).
     """
     temperature, length = float(stage.temperature), int(stage.max_completion_length)
     trainer.temperature = temperature
@@ -360,6 +361,9 @@ def apply_stage(trainer, stage: Stage) -> None:
         cells = trainer._stage_temperature_cells = trainer_temperature_cells(trainer)
     for cell in cells:
         cell.cell_contents = temperature
+    chunks = getattr(trainer.args, "stage_generation_chunks", None)
+    if chunks and length in chunks:
+        trainer.args.generation_chunk_size = chunks[length]
     trainer.current_stage = stage
 
 
@@ -457,9 +461,11 @@ class StageScheduleCallback(TrainerCallback):
         self.index, self.in_force = index, stage
         if self.trainer.accelerator.is_main_process:
             why = f" ({record['reason']})" if not resumed and index > 0 else ""
+            chunk = self.trainer.args.generation_chunk_size if getattr(self.trainer.args, "stage_generation_chunks", None) else None
             write_line(
                 f"Stage {index + 1}/{len(self.stages)} from step {step}{why}: temperature {stage.temperature:g}, "
-                f"max completion length {stage.max_completion_length}{' (resumed)' if resumed else ''}"
+                f"max completion length {stage.max_completion_length}{f', {chunk} sequences a generate call' if chunk else ''}"
+                f"{' (resumed)' if resumed else ''}"
             )
 
     # -- the temperature search at a stage start --

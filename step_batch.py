@@ -186,6 +186,8 @@ class StepBatchMixin:
                 if size <= 1:
                     raise
                 self.args.generation_chunk_size = max(1, size // 2)
+                if getattr(self.args, "stage_generation_chunks", None):  # the plan was short: later stages' chunks too
+                    self.args.stage_generation_chunks = {length: max(1, c // 2) for length, c in self.args.stage_generation_chunks.items()}
                 torch.cuda.empty_cache()
                 print(f"note: out of GPU memory sampling {size} sequences at once: going on with generation_chunk_size "
                       f"{self.args.generation_chunk_size}", file=sys.stderr, flush=True)  # fmt: skip

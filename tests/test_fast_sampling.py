@@ -201,7 +201,7 @@ CONSUMER_RECIPES = {  # recipe: the GPU memory (GiB) it is written for
 
 
 @pytest.mark.parametrize("recipe", sorted(CONSUMER_RECIPES))
-def test_auto_chunk_is_the_largest_the_recipes_gpu_holds(recipe, capsys):
+def test_auto_chunk_is_the_largest_the_recipes_gpu_holds_at_each_stage(recipe, capsys):
     from dataclasses import replace
 
     import memory_planner
@@ -212,21 +212,51 @@ def test_auto_chunk_is_the_largest_the_recipes_gpu_holds(recipe, capsys):
     script_args, config, model_args = parse_args([*recipe_args, "--plan", "--gpu_memory", str(CONSUMER_RECIPES[recipe])])
     assert config.generation_chunk_size == "auto"
     plan = main(script_args, config, model_args)
-    chunk = config.generation_chunk_size
-    assert isinstance(chunk, int) and 8 <= chunk < 64 and plan.setup.generation_batch == chunk and plan.fits
+    lengths = [length for *_, length in plan.setup.stages]
+    chunks = [plan.setup.generation_batch_at(length) for length in lengths]
+    assert config.generation_chunk_size == chunks[0] and config.stage_generation_chunks == dict(zip(lengths, chunks))
+    assert all(isinstance(c, int) and 8 <= c < 64 for c in chunks) and chunks == sorted(chunks, reverse=True) and chunks[0] > chunks[-1]
+    assert plan.fits  # each stage planned with its own chunk
     printed = capsys.readouterr().out
-    assert f"generation_chunk_size auto: {chunk} of the step's 64 rollouts" in printed
+    assert f"generation_chunk_size auto: {' / '.join(map(str, chunks))} of the step's 64 rollouts" in printed
     gpu = CONSUMER_RECIPES[recipe] * memory_planner.GIB
-    one_more = replace(plan.setup, generation_batch=chunk + 1)
-    assert max(memory_planner.estimate(plan.shape, one_more, length, gpu).generation_total for *_, length in plan.setup.stages) > gpu
+    for length, chunk in zip(lengths, chunks):  # the largest that fits at its stage: one more does not
+        at = replace(plan.setup, stage_generation_batches=None, generation_batch=chunk)
+        assert memory_planner.estimate(plan.shape, at, length, gpu).generation_total <= gpu
+        more = replace(at, generation_batch=chunk + 1)
+        assert memory_planner.estimate(plan.shape, more, length, gpu).generation_total > gpu
 
     # A GPU twice as large samples more at once; one with room for the whole step samples all of it.
     _, config, _ = parse_args(recipe_args)
     memory_planner.resolve_auto_generation_chunk(replace(script_args, gpu_memory=2 * CONSUMER_RECIPES[recipe]), config, model_args)
-    assert config.generation_chunk_size > chunk
+    assert config.generation_chunk_size > chunks[0]
     _, config, _ = parse_args(recipe_args)
     memory_planner.resolve_auto_generation_chunk(replace(script_args, gpu_memory=1000), config, model_args)
-    assert config.generation_chunk_size == 64
+    assert config.generation_chunk_size == 64 and config.stage_generation_chunks is None
+
+
+def test_each_stage_samples_its_planned_chunk_and_out_of_memory_halves_the_later_ones(toy_world, tmp_path, monkeypatch, capsys):
+    from trl import GRPOTrainer
+
+    calls, original = [], GRPOTrainer._generate_single_turn
+
+    def recording(self, prompt_ids, *args, **kwargs):
+        calls.append((self.max_completion_length, len(prompt_ids)))
+        if self.state.global_step == 2 and len(prompt_ids) > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", recording)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    stages = [{"step": 0, "temperature": 1.0, "max_completion_length": 6}, {"step": 1, "temperature": 1.0, "max_completion_length": 8},
+              {"step": 2, "temperature": 1.0, "max_completion_length": 10}]  # fmt: skip
+    trainer = toy_trainer(toy_world, tmp_path, max_steps=3, stages=stages, generation_chunk_size=16)
+    trainer.args.stage_generation_chunks = {6: 16, 8: 8, 10: 8}  # as memory_planner.resolve_auto_generation_chunk plans them
+    trainer.train()
+    assert calls == [(6, 16), (8, 8), (8, 8), (10, 8), (10, 4), (10, 4), (10, 4), (10, 4)]
+    assert trainer.args.stage_generation_chunks == {6: 8, 8: 4, 10: 4}  # the plan was short: every stage's chunk halved
+    stage_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Stage ")]
+    assert [line.split(", ")[-1] for line in stage_lines] == [f"{chunk} sequences a generate call" for chunk in (16, 8, 8)]
 
 
 def test_auto_chunk_where_nothing_can_be_planned_says_what_it_chose(monkeypatch):
