@@ -21,8 +21,8 @@ moves it to CPU memory, and what stays on the GPU is the weights and gradients o
 
 The peak is the larger of the two phases. It assumes every completion reaches max_completion_length: early
 in a run completions are shorter, so a setting that is over budget can run for hours and then fail when
-responses grow. Every stage must fit: the longest, or one whose `auto` chunk samples more at once. `python benchmarks/gpu_check.sh` compares these
-estimates with measured peaks on a GPU.
+responses grow. Every stage must fit: the longest, or one whose `auto` chunk samples more at once.
+`python benchmarks/gpu_check.sh` compares these estimates with measured peaks on a GPU.
 """
 
 import json
@@ -996,7 +996,7 @@ def resolve_auto_generation_chunk(script_args, training_args, model_args) -> str
     if training_args.stage_generation_chunks is None:
         where = f"the most a {gpu_memory:g} GiB GPU holds at the longest stage"
     else:
-        where = (f"by stage ({stage_values(lengths)}-token completions): the most a {gpu_memory:g} GiB GPU holds at each")
+        where = f"by stage ({stage_values(lengths)}-token completions): the most a {gpu_memory:g} GiB GPU holds at each"
     return (f"generation_chunk_size auto: {stage_values([chunks[length] for length in lengths])} of the step's {held} rollouts per "
             f"generate call, {where} (sampling planned at {gib(planned)} GiB; halved on out-of-memory)")  # fmt: skip
 
