@@ -108,7 +108,7 @@ def test_warm_started_model_is_partly_able(toy_world):
     accuracy = sum(passes) / (8 * len(passes))
     assert 0.1 < accuracy < 0.6, accuracy
     counts = collections.Counter(passes)
-    assert counts[0] and counts[8] >= 5 and len(counts) >= 8, counts  # easy, hard and in between
+    assert counts[0] and counts[8] >= 2 and len(counts) >= 8, counts  # easy (the clean add_1x1), hard and in between
     texts = [s.text for group in samples for s in group]
     assert sum(t.startswith("<think>") and "</think>" in t for t in texts) > 0.9 * len(texts)
 
