@@ -75,9 +75,8 @@ def measure(model_dir: str, problems, args: ToyHabitsArguments, desc: str) -> di
 
 def format_table(before: dict, after: dict) -> str:
     lines = ["| level | " + " | ".join(f"{kind} before -> after" for kind in KINDS) + " |", "|---" * (len(KINDS) + 1) + "|"]
-    for level in ["all", *before["levels"]]:
-        b, a = (before if level == "all" else before["levels"][level]), (after if level == "all" else after["levels"][level])
-        b, a = b.get("all", b), a.get("all", a)
+    rows = [("all", before["all"], after["all"])] + [(level, before["levels"][level], after["levels"][level]) for level in before["levels"]]
+    for level, b, a in rows:
         lines.append(f"| {level} | " + " | ".join(f"{b[kind]:.3f} -> {a[kind]:.3f}" for kind in KINDS) + " |")
     return "\n".join(lines)
 
